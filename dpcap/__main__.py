@@ -1,0 +1,5 @@
+import sys
+
+from dpcap.cli import main
+
+sys.exit(main())

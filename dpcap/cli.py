@@ -1,0 +1,249 @@
+"""`dpcap <command>`: parse arguments, call the library, print. No logic lives here.
+
+With `--json` the last stdout line is one JSON object. Exit codes: 0 done; 2 the user can fix it
+(one `error: …` line on stderr, no traceback); 3 the privacy budget forbids the next step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from dpcap.errors import ConfigError, DpcapError
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpcap", description="Differentially private image-captioning pre-training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="build and inspect shard folders").add_subparsers(
+        dest="data_command", required=True
+    )
+    build = data.add_parser("build", help="validate a folder or JSONL/CSV manifest of image+caption pairs into shards")
+    build.add_argument("src", help="folder of images with same-stem .txt captions, or a .jsonl/.csv manifest")
+    build.add_argument("--out", required=True, help="output shard folder")
+    build.add_argument("--samples-per-shard", type=int, default=1000)
+    build.add_argument("--max-caption-chars", type=int, default=1000)
+    build.add_argument(
+        "--where", action="append", default=[], metavar="FIELD=VALUE", help="keep manifest rows matching"
+    )
+    build.add_argument("--overwrite", action="store_true")
+    _add_json(build)
+    stats = data.add_parser("stats", help="count samples, shards and bytes of a shard folder")
+    stats.add_argument("dir")
+    _add_json(stats)
+    demo_data = data.add_parser("demo", help="render the offline emoji data set and shard its train/val/test splits")
+    demo_data.add_argument("--out", required=True)
+    demo_data.add_argument("--image-size", type=int, default=64)
+    demo_data.add_argument("--limit", type=int, default=None)
+    demo_data.add_argument("--overwrite", action="store_true")
+    _add_json(demo_data)
+
+    privacy = commands.add_parser("privacy", help="privacy accounting").add_subparsers(
+        dest="privacy_command", required=True
+    )
+    eps = privacy.add_parser("epsilon", help="ε of the Poisson-subsampled Gaussian mechanism")
+    eps.add_argument("--sigma", type=float, required=True)
+    sig = privacy.add_parser("sigma", help="the smallest σ whose ε does not exceed the target")
+    sig.add_argument("--epsilon", type=float, required=True)
+    for sub in (eps, sig):
+        sub.add_argument("--sample-rate", type=float, required=True)
+        sub.add_argument("--steps", type=int, required=True)
+        sub.add_argument("--delta", type=float, required=True)
+        sub.add_argument("--accountant", default="prv", choices=["prv", "rdp"])
+        _add_json(sub)
+
+    plan = commands.add_parser("plan", help="σ, epochs and the accumulation layout for a target ε")
+    plan.add_argument("--num-samples", type=int, required=True)
+    plan.add_argument("--batch-size", type=int, required=True, help="expected logical batch qN")
+    plan.add_argument("--steps", type=int, required=True)
+    plan.add_argument("--epsilon", type=float, required=True)
+    plan.add_argument("--delta", type=float, default=None, help="default 1/N")
+    plan.add_argument("--gpus", type=int, default=None)
+    plan.add_argument("--per-gpu-batch", type=int, default=None)
+    plan.add_argument("--accountant", default="prv", choices=["prv", "rdp"])
+    _add_json(plan)
+
+    train = commands.add_parser("train", help="train (or auto-resume) a DP captioner")
+    train.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=10")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its LAST checkpoint")
+    _add_json(train)
+
+    export = commands.add_parser("export", help="export a run's encoder for timm / transformers with its privacy card")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True)
+    _add_json(export)
+
+    probe = commands.add_parser("probe", help="linear probe of a frozen encoder on labelled shard folders")
+    probe.add_argument("encoder", help="a run folder, or random:SIZE for a randomly initialised encoder")
+    probe.add_argument("--train", required=True, help="shard folder with labels in the sample metadata")
+    probe.add_argument("--test", required=True)
+    probe.add_argument("--val", default=None, help="default: hold out 20%% of --train")
+    probe.add_argument("--label", default="group", help="metadata field holding the class")
+    probe.add_argument("--pool", default="mean", choices=["mean", "cls"])
+    probe.add_argument("--out", default=None, help="write the report JSON here (and a confusion-matrix PNG)")
+    _add_json(probe)
+
+    demo = commands.add_parser("demo", help="the whole product on offline emoji data: data → DP train → export → probe")
+    demo.add_argument("--config", default="configs/demo-cpu.yaml")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_json(demo)
+    return parser
+
+
+def _cmd_data(args: argparse.Namespace) -> dict:
+    if args.data_command == "build":
+        from dpcap.data.build import build_shards
+
+        where = dict(_split_pair(item, "--where") for item in args.where) or None
+        return build_shards(
+            args.src,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            max_caption_chars=args.max_caption_chars,
+            where=where,
+            overwrite=args.overwrite,
+        )
+    if args.data_command == "stats":
+        from dpcap.data.build import dataset_stats
+
+        return dataset_stats(args.dir)
+    from dpcap.data.demo import build_emoji_dataset
+
+    return build_emoji_dataset(args.out, image_size=args.image_size, limit=args.limit, overwrite=args.overwrite)
+
+
+def _split_pair(item: str, flag: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"{flag} expects FIELD=VALUE, got {item!r}")
+    return key, value
+
+
+def _cmd_privacy(args: argparse.Namespace) -> dict:
+    from dpcap.privacy.accountant import calibrate_sigma, epsilon
+
+    common = dict(sample_rate=args.sample_rate, steps=args.steps, delta=args.delta, accountant=args.accountant)
+    if args.privacy_command == "epsilon":
+        return {"epsilon": epsilon(args.sigma, **common), "sigma": args.sigma, **common}
+    return {"sigma": calibrate_sigma(args.epsilon, **common), "epsilon": args.epsilon, **common}
+
+
+def _cmd_plan(args: argparse.Namespace) -> dict:
+    from dpcap.privacy.planner import plan
+
+    return plan(
+        args.num_samples,
+        args.batch_size,
+        args.steps,
+        args.epsilon,
+        delta=args.delta,
+        gpus=args.gpus,
+        per_gpu_batch=args.per_gpu_batch,
+        accountant=args.accountant,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> dict:
+    from dpcap.config import load_config
+    from dpcap.train.loop import train
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path and "=" in config_path and not Path(config_path).exists():
+        config_path, overrides = None, [config_path, *overrides]
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a run folder)")
+        config_path, overrides = saved, [*overrides, f"run_dir={args.resume}"]
+    if config_path is None:
+        raise ConfigError("give a CONFIG file (see configs/) or --resume RUN_DIR")
+    return train(load_config(config_path, overrides))
+
+
+def _cmd_export(args: argparse.Namespace) -> dict:
+    from dpcap.pipeline import export_run
+
+    return export_run(args.run_dir, args.out)
+
+
+def _cmd_probe(args: argparse.Namespace) -> dict:
+    from dpcap.pipeline import probe_encoder
+
+    return probe_encoder(
+        args.encoder,
+        train_dir=args.train,
+        test_dir=args.test,
+        val_dir=args.val,
+        label=args.label,
+        pool=args.pool,
+        out=args.out,
+    )
+
+
+def _cmd_demo(args: argparse.Namespace) -> dict:
+    from dpcap.pipeline import run_demo
+
+    return run_demo(args.config, args.out, overrides=args.overrides)
+
+
+COMMANDS = {
+    "data": _cmd_data,
+    "privacy": _cmd_privacy,
+    "plan": _cmd_plan,
+    "train": _cmd_train,
+    "export": _cmd_export,
+    "probe": _cmd_probe,
+    "demo": _cmd_demo,
+}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _print_human(result: dict) -> None:
+    for key, value in result.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for sub, inner in value.items():
+                print(f"  {sub}: {inner}")
+        else:
+            print(f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = _jsonable(COMMANDS[args.command](args))
+    except DpcapError as err:
+        message = str(err).strip().replace("\n", " | ")
+        print(f"error: {message}", file=sys.stderr)
+        return err.exit_code
+    if args.json:
+        print(json.dumps(result, sort_keys=False))
+    else:
+        _print_human(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

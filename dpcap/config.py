@@ -1,0 +1,221 @@
+"""Run configuration: dataclasses are the schema, YAML files are data, `key=value` overrides.
+
+Strict like big_vision's locked configs: an unknown key, a wrong type or an impossible value is a
+ConfigError naming the key (and the file), never silently ignored. The resolved config is written
+into the run folder as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dpcap.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # a folder written by `dpcap data build` (sizes.json + shard-*.tar + *.idx)
+    num_workers: int = 0  # DataLoader workers prefetching micro-batches
+
+
+@dataclass
+class ModelConfig:
+    size: str = "nano"  # a name from dpcap.model.list_sizes()
+    seed: int = 0  # initialisation seed (public: the initial weights carry no private data)
+    image_size: int | None = None  # None keeps the size's default
+    patch_size: int | None = None
+    vision_width: int | None = None
+    vision_layers: int | None = None
+    vision_heads: int | None = None
+    text_width: int | None = None
+    text_layers: int | None = None
+    text_heads: int | None = None
+    context_length: int | None = None
+    bias: bool | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        skip = {"size", "seed"}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in skip and getattr(self, f.name) is not None
+        }
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # logical (noisy) steps
+    batch_size: int = 256  # expected logical batch qN (Poisson: each sample included w.p. q = batch_size / N)
+    micro_batch_size: int = 64  # physical batch per process; the logical batch is accumulated
+    lr: float = 1e-3
+    weight_decay: float = 0.005
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0  # cosine decays to lr·min_lr_ratio
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    checkpoint_every: int = 50  # logical steps; the last step is always checkpointed
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+
+@dataclass
+class PrivacyConfig:
+    max_grad_norm: float = 1.0  # C
+    sigma: float | None = None  # noise multiplier; 0 = non-private baseline; None = calibrate from epsilon
+    epsilon: float | None = None  # the budget; training never steps past it
+    delta: float | None = None  # None = 1/N
+    accountant: Literal["prv", "rdp"] = "prv"
+    insecure_noise_seed: int | None = None  # tests only: the run is marked NOT PRIVATE
+    insecure_sampler_seed: int | None = None  # tests only: public batch membership voids amplification
+
+
+@dataclass
+class LogConfig:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "dpcap"
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a type annotation; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {annotation}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and (type(value) is annotation):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def from_dict(schema: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `schema` from a nested dict, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (valid keys under '{prefix or '.'}': {sorted(names)})"
+        )
+    values = {}
+    for name, value in data.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = from_dict(annotation, value, f"{prefix}{name}.")
+        else:
+            values[name] = _convert(value, annotation, f"{prefix}{name}")
+    return schema(**values)
+
+
+def to_dict(config: Any) -> dict:
+    """A plain, YAML-ready dict (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML scalars) onto a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (or start from defaults), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    data = apply_overrides(data, list(overrides))
+    try:
+        config = from_dict(RunConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Value checks that types alone cannot express."""
+    t, p = config.train, config.privacy
+    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.micro_batch_size": t.micro_batch_size}
+    positive |= {"train.checkpoint_every": t.checkpoint_every, "privacy.max_grad_norm": p.max_grad_norm}
+    positive |= {"train.keep_checkpoints": t.keep_checkpoints, "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0 or not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError("train.lr must be > 0, train.warmup_steps and train.weight_decay ≥ 0, min_lr_ratio in [0, 1]")
+    if p.sigma is None and p.epsilon is None:
+        raise ConfigError("set privacy.sigma (0 = non-private) or privacy.epsilon (σ is then calibrated)")
+    if p.sigma is not None and p.sigma < 0:
+        raise ConfigError(f"privacy.sigma must be ≥ 0, got {p.sigma}")
+    if p.epsilon is not None and p.epsilon <= 0:
+        raise ConfigError(f"privacy.epsilon must be > 0, got {p.epsilon}")
+    if p.delta is not None and not 0 < p.delta < 1:
+        raise ConfigError(f"privacy.delta must be in (0, 1), got {p.delta}")
+    if not config.data.shards:
+        raise ConfigError("data.shards is required (a folder written by `dpcap data build`)")
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,433 @@
+"""Build validated tar shards, their member index and ``sizes.json`` from images and captions.
+
+Sources
+-------
+* a folder of images (``.png .jpg .jpeg .webp .bmp .gif .tif .tiff``, searched recursively) with a
+  same-stem ``.txt`` caption and an optional same-stem ``.json`` metadata object;
+* a ``.jsonl`` or ``.csv`` manifest with an ``image`` field (a path relative to the manifest's folder, or
+  absolute), a ``caption`` field and any other fields, which become the sample's metadata.
+
+Every sample is validated before it is written: the image must decode fully with PIL (``load()``, then
+``convert("RGB")``) and the caption must be valid UTF-8, non-empty after ``strip()`` and at most
+``max_caption_chars`` characters. Bad samples are skipped and counted by reason (:data:`SKIP_REASONS`).
+Samples are visited in a deterministic order (sorted relative paths; manifest row order).
+
+Shard format
+------------
+A dataset folder holds::
+
+    shard-000000.tar  shard-000000.idx
+    shard-000001.tar  shard-000001.idx
+    ...
+    sizes.json        {"shard-000000.tar": n0, "shard-000001.tar": n1, ...}   (open_clip convention)
+
+* ``shard-NNNNNN.tar`` is a plain USTAR tar readable by ``webdataset.WebDataset``. Sample ``i`` of the
+  data set has the key ``f"{i:010d}"`` and three consecutive members, in this order:
+  ``{key}.{png|jpg|webp}`` (the original encoded bytes when the source is PNG/JPEG/WebP, else a lossless
+  PNG re-encoding; the extension follows the decoded format, not the source file name), ``{key}.txt``
+  (the stripped caption, UTF-8) and ``{key}.json`` (a UTF-8 JSON object: the manifest's extra fields, or
+  for a folder source the sidecar ``.json`` fields and ``"source"`` = the image's relative path, plus
+  ``"id"`` = the global sample id; a source field called ``"id"`` is kept as ``"source_id"``). Every
+  member has ``mtime = 0``, mode ``0o644`` and empty owner names, so builds are byte-for-byte
+  reproducible and carry no PAX headers.
+* ``shard-NNNNNN.idx`` is a headerless, memory-mappable array of little-endian ``uint64`` (numpy
+  ``"<u8"``) of shape ``(n, 6)`` in row-major order -- exactly ``48 * n`` bytes. Row ``j`` describes the
+  shard's ``j``-th sample: ``[image_offset, image_size, txt_offset, txt_size, json_offset, json_size]``,
+  where an offset is the byte position of the member's *data* (after its 512-byte header) from the
+  start of the ``.tar`` and a size is the member's data length in bytes.
+* The global sample id is the position in the concatenation of the shards in sorted name order.
+
+Every file is written under a temporary name and moved into place with ``os.replace``; ``sizes.json``
+is written last, so a folder without it is an unfinished build.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpcap.errors import ConfigError, DataError
+
+SIZES_FILE = "sizes.json"
+SHARD_PREFIX = "shard-"
+INDEX_DTYPE = np.dtype("<u8")
+INDEX_COLUMNS = ("image_offset", "image_size", "txt_offset", "txt_size", "json_offset", "json_size")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+KEPT_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+SKIP_REASONS = (
+    "missing_image",
+    "corrupt_image",
+    "missing_caption",
+    "empty_caption",
+    "non_utf8_caption",
+    "caption_too_long",
+    "bad_metadata",
+    "bad_manifest_row",
+)
+
+
+@dataclass
+class _Candidate:
+    """One sample as found in the source, before validation."""
+
+    image: Path | None
+    caption: str | bytes | None
+    meta: dict[str, Any] | None = field(default_factory=dict)  # None: unparseable row (never filtered out)
+    error: str | None = None
+
+
+class _Skip(Exception):
+    """A sample fails validation; ``args[0]`` is the reason."""
+
+
+def shard_name(i: int) -> str:
+    """The file name of shard ``i`` (``shard-000000.tar``)."""
+    return f"{SHARD_PREFIX}{i:06d}.tar"
+
+
+def index_path(shard_path: Path) -> Path:
+    """The index file that belongs to a shard (``shard-000000.tar`` → ``shard-000000.idx``)."""
+    return shard_path.with_suffix(".idx")
+
+
+def build_shards(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    samples_per_shard: int = 1000,
+    max_caption_chars: int = 1000,
+    where: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Validate every sample of ``src`` and write the valid ones as shards into ``out_dir``.
+
+    ``where`` keeps only samples whose metadata field equals the given value (compared as given, or
+    as strings); filtered-out samples are neither written nor counted as skipped (rows too broken to
+    filter are counted as ``bad_manifest_row``).
+    Returns ``{"written", "skipped": {reason: count}, "shards", "out"}``.
+    """
+    _check_positive("samples_per_shard", samples_per_shard)
+    _check_positive("max_caption_chars", max_caption_chars)
+    src, out = Path(src), Path(out_dir)
+    candidates = _source_candidates(src)
+    _prepare_out(out, overwrite)
+    skipped: Counter[str] = Counter()
+    with _ShardWriter(out, samples_per_shard) as writer:
+        for cand in candidates:
+            if cand.meta is not None and not _matches(cand.meta, where):
+                continue
+            try:
+                writer.add(*_validate(cand, max_caption_chars))
+            except _Skip as skip:
+                skipped[skip.args[0]] += 1
+        sizes = writer.finish()
+    if not sizes:
+        raise DataError(f"no valid samples in {src} (skipped: {dict(sorted(skipped.items()))})")
+    _atomic_write_bytes(out / SIZES_FILE, json.dumps(sizes, indent=1).encode("utf-8"))
+    return {
+        "written": sum(sizes.values()),
+        "skipped": dict(sorted(skipped.items())),
+        "shards": len(sizes),
+        "out": str(out),
+    }
+
+
+def dataset_stats(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    """Size summary of a shard folder: samples, shards, bytes on disk and per-member byte totals."""
+    from dpcap.data.index import ShardIndex
+
+    index = ShardIndex(shard_dir)
+    tar_bytes = sum(p.stat().st_size for p in index.shard_paths)
+    idx_bytes = sum(index_path(p).stat().st_size for p in index.shard_paths)
+    totals = np.zeros(len(INDEX_COLUMNS), dtype=np.int64)
+    for i in range(index.num_shards):
+        totals += index.rows(i).sum(axis=0, dtype=np.int64) if index.counts[i] else 0
+    n = len(index)
+    return {
+        "samples": n,
+        "shards": index.num_shards,
+        "bytes": tar_bytes,
+        "index_bytes": idx_bytes,
+        "image_bytes": int(totals[1]),
+        "caption_bytes": int(totals[3]),
+        "bytes_per_sample": tar_bytes / n if n else 0.0,
+        "dir": str(index.dir),
+    }
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _matches(meta: Mapping[str, Any], where: Mapping[str, Any] | None) -> bool:
+    if not where:
+        return True
+    return all(k in meta and (meta[k] == v or str(meta[k]) == str(v)) for k, v in where.items())
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _source_candidates(src: Path) -> Iterator[_Candidate]:
+    if src.is_dir():
+        return _folder_candidates(src)
+    if not src.exists():
+        raise DataError(f"source {src} does not exist")
+    suffix = src.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_candidates(src)
+    if suffix == ".csv":
+        return _csv_candidates(src)
+    raise DataError(f"source {src} is neither a folder nor a .jsonl/.csv manifest")
+
+
+def _folder_candidates(src: Path) -> Iterator[_Candidate]:
+    """Group files by relative stem: each image is one sample; a caption without image is missing one."""
+    groups: dict[str, dict[str, list[Path]]] = {}
+    for path in src.rglob("*"):
+        suffix = path.suffix.lower()
+        kind = "image" if suffix in IMAGE_SUFFIXES else suffix.lstrip(".")
+        if path.is_file() and kind in ("image", "txt", "json"):
+            stem = path.relative_to(src).with_suffix("").as_posix()
+            groups.setdefault(stem, {}).setdefault(kind, []).append(path)
+    if not any("image" in g or "txt" in g for g in groups.values()):
+        raise DataError(f"source folder {src} holds no images or captions")
+    return _folder_iter(src, groups)
+
+
+def _folder_iter(src: Path, groups: dict[str, dict[str, list[Path]]]) -> Iterator[_Candidate]:
+    for stem in sorted(groups):
+        files = groups[stem]
+        caption = files["txt"][0].read_bytes() if "txt" in files else None
+        meta = _sidecar_meta(files["json"][0]) if "json" in files else {}
+        error = "bad_metadata" if meta is None else None
+        for image in sorted(files.get("image", [])):
+            source = {"source": image.relative_to(src).as_posix()}
+            yield _Candidate(image, caption, None if meta is None else {**source, **meta}, error)
+        if "image" not in files and "txt" in files:
+            yield _Candidate(None, caption, meta, error)
+
+
+def _sidecar_meta(path: Path) -> dict[str, Any] | None:
+    """The sidecar JSON object, or None when it is not a UTF-8 JSON object."""
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _row_candidate(row: Any, base: Path) -> _Candidate:
+    """A manifest row → candidate; ``image``/``caption`` are taken out, other fields are metadata."""
+    if not isinstance(row, dict):
+        return _Candidate(None, None, None, "bad_manifest_row")
+    meta = {k: v for k, v in row.items() if k not in ("image", "caption")}
+    image, caption = row.get("image"), row.get("caption")
+    if caption is not None and not isinstance(caption, str):
+        return _Candidate(None, None, meta, "bad_manifest_row")
+    if not isinstance(image, str) or not image:
+        return _Candidate(None, caption, meta, "missing_image")
+    path = Path(image) if Path(image).is_absolute() else base / image
+    return _Candidate(path, caption, meta)
+
+
+def _jsonl_candidates(src: Path) -> Iterator[_Candidate]:
+    base = src.parent
+    with open(src, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                yield _Candidate(None, None, None, "bad_manifest_row")
+                continue
+            yield _row_candidate(row, base)
+
+
+def _csv_candidates(src: Path) -> Iterator[_Candidate]:
+    with open(src, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        header = next(csv.reader(f), None)
+    if header is None or "image" not in header or "caption" not in header:
+        raise DataError(f"manifest {src} needs the columns 'image' and 'caption', found {header}")
+    return _csv_iter(src)
+
+
+def _csv_iter(src: Path) -> Iterator[_Candidate]:
+    with open(src, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        for row in csv.DictReader(f):
+            if None in row:  # more fields than the header
+                yield _Candidate(None, None, None, "bad_manifest_row")
+                continue
+            yield _row_candidate(row, src.parent)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _validate(cand: _Candidate, max_caption_chars: int) -> tuple[str, bytes, bytes, dict[str, Any]]:
+    """Return ``(image_ext, image_bytes, caption_utf8, meta)`` or raise :class:`_Skip` with the reason."""
+    if cand.error is not None:
+        raise _Skip(cand.error)
+    caption = _validate_caption(cand.caption, max_caption_chars)
+    ext, data = _validate_image(cand.image)
+    meta = dict(cand.meta)
+    if "id" in meta:
+        meta["source_id"] = meta.pop("id")
+    return ext, data, caption, meta
+
+
+def _validate_caption(caption: str | bytes | None, max_chars: int) -> bytes:
+    if caption is None:
+        raise _Skip("missing_caption")
+    try:
+        text = caption.decode("utf-8") if isinstance(caption, bytes) else caption
+        text.encode("utf-8")
+    except UnicodeError:
+        raise _Skip("non_utf8_caption") from None
+    text = text.strip()
+    if not text:
+        raise _Skip("empty_caption")
+    if len(text) > max_chars:
+        raise _Skip("caption_too_long")
+    return text.encode("utf-8")
+
+
+def _validate_image(path: Path | None) -> tuple[str, bytes]:
+    """Decode fully; keep PNG/JPEG/WebP bytes as they are, re-encode anything else as PNG."""
+    from PIL import Image
+
+    try:
+        data = path.read_bytes() if path is not None else None
+    except OSError:
+        data = None
+    if data is None:
+        raise _Skip("missing_image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            fmt = im.format
+            im.convert("RGB")
+            if fmt in KEPT_FORMATS:
+                return KEPT_FORMATS[fmt], data
+            return "png", _png_bytes(im)
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        raise _Skip("corrupt_image") from None
+
+
+def _png_bytes(im: Any) -> bytes:
+    keep = "RGBA" if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info else "RGB"
+    buf = io.BytesIO()
+    im.convert(keep).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- output
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    old = sorted(p for p in out.iterdir() if p.name == SIZES_FILE or p.name.startswith(SHARD_PREFIX))
+    if old and not overwrite:
+        raise DataError(f"output folder {out} already holds shards (e.g. {old[0].name}); pass overwrite=True")
+    leftovers = [p for p in out.iterdir() if p.name.startswith(f".{SHARD_PREFIX}") and p.name.endswith(".tmp")]
+    for p in sorted(old, key=lambda p: p.name != SIZES_FILE) + leftovers:  # sizes.json first: no stale set
+        p.unlink()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _ShardWriter:
+    """Streams samples into ``shard-NNNNNN.tar`` + ``.idx`` pairs, each moved into place when full."""
+
+    def __init__(self, out: Path, samples_per_shard: int) -> None:
+        self.out, self.per_shard = out, samples_per_shard
+        self.sizes: dict[str, int] = {}
+        self.next_id = 0
+        self._file: Any = None
+        self._tar: tarfile.TarFile | None = None
+        self._rows: list[list[int]] = []
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self._abort()
+
+    def add(self, ext: str, image: bytes, caption: bytes, meta: dict[str, Any]) -> None:
+        if self._tar is None:
+            self._open()
+        key = f"{self.next_id:010d}"
+        meta_bytes = _meta_bytes(dict(meta, id=self.next_id))
+        row: list[int] = []
+        for name, data in ((f"{key}.{ext}", image), (f"{key}.txt", caption), (f"{key}.json", meta_bytes)):
+            row += [self._add_member(name, data), len(data)]
+        self._rows.append(row)
+        self.next_id += 1
+        if len(self._rows) == self.per_shard:
+            self._close_shard()
+
+    def finish(self) -> dict[str, int]:
+        if self._tar is not None:
+            self._close_shard()
+        return self.sizes
+
+    def _tmp(self, suffix: str) -> Path:
+        return self.out / f".{shard_name(len(self.sizes))}{suffix}.tmp"
+
+    def _open(self) -> None:
+        self._file = open(self._tmp(""), "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def _add_member(self, name: str, data: bytes) -> int:
+        """Append one member; return the offset of its data (just after its 512-byte header)."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        start = self._file.tell()
+        self._tar.addfile(info, io.BytesIO(data))
+        return start + tarfile.BLOCKSIZE
+
+    def _close_shard(self) -> None:
+        name = shard_name(len(self.sizes))
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        rows = np.asarray(self._rows, dtype=INDEX_DTYPE).reshape(-1, len(INDEX_COLUMNS))
+        _atomic_write_bytes(index_path(self.out / name), rows.tobytes())
+        os.replace(self._tmp(""), self.out / name)
+        self.sizes[name] = len(self._rows)
+        self._tar, self._file, self._rows = None, None, []
+
+    def _abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._tmp("").unlink(missing_ok=True)
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    except (TypeError, ValueError, UnicodeError):
+        raise _Skip("bad_metadata") from None

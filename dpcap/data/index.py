@@ -1,0 +1,137 @@
+"""Global sample id → (shard, member offsets), from ``sizes.json`` and the per-shard ``.idx`` files.
+
+The layout is documented in :mod:`dpcap.data.build`. Global id ``g`` lives in shard ``s`` with
+``starts[s] <= g < starts[s + 1]``, where ``starts`` is the running sum of the shard sizes taken in
+sorted shard-name order, at row ``g - starts[s]`` of that shard's index. Index files are memory-mapped
+on first use and kept in a small per-instance LRU cache (a data set of 10^5 shards would otherwise
+exceed the process's limit on memory maps); pickling drops the maps, so a copy sent to a DataLoader
+worker maps its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dpcap.data.build import INDEX_COLUMNS, INDEX_DTYPE, SIZES_FILE, index_path
+from dpcap.errors import DataError
+
+ROW_BYTES = INDEX_DTYPE.itemsize * len(INDEX_COLUMNS)
+
+
+class ShardGroup(NamedTuple):
+    """The requested ids that live in one shard, sorted, with their index rows ``(k, 6)``."""
+
+    shard: int
+    path: Path
+    ids: np.ndarray
+    rows: np.ndarray
+
+
+class ShardIndex:
+    """Read-only view of a shard folder's ``sizes.json`` and member offsets.
+
+    ``len(index)`` is the number of samples N; ``locate(g)`` gives ``(shard_path, row)`` with ``row`` the
+    six ``uint64`` of :data:`dpcap.data.build.INDEX_COLUMNS`.
+    """
+
+    def __init__(self, shard_dir: str | os.PathLike, *, max_open: int = 1024) -> None:
+        self.dir = Path(shard_dir)
+        sizes = _read_sizes(self.dir / SIZES_FILE)
+        self.names = sorted(sizes)
+        self.counts = np.array([sizes[n] for n in self.names], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.shard_paths = [self.dir / n for n in self.names]
+        self.max_open = max_open
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        for path, count in zip(self.shard_paths, self.counts):
+            _check_shard(path, int(count))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.names)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": OrderedDict()}
+
+    def rows(self, shard: int) -> np.ndarray:
+        """The ``(n, 6)`` uint64 index of one shard, memory-mapped (read-only)."""
+        if shard in self._maps:
+            self._maps.move_to_end(shard)
+            return self._maps[shard]
+        n = int(self.counts[shard])
+        path = index_path(self.shard_paths[shard])
+        if n == 0:
+            rows = np.empty((0, len(INDEX_COLUMNS)), dtype=INDEX_DTYPE)
+        else:
+            rows = np.memmap(path, dtype=INDEX_DTYPE, mode="r", shape=(n, len(INDEX_COLUMNS)))
+        self._maps[shard] = rows
+        if len(self._maps) > self.max_open:
+            self._maps.popitem(last=False)
+        return rows
+
+    def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        """Shard number of each global id (ids must be in range)."""
+        return np.searchsorted(self.starts, ids, side="right") - 1
+
+    def locate(self, global_id: int) -> tuple[Path, np.ndarray]:
+        """``(shard_path, row)`` of one global id; ``IndexError`` when out of range."""
+        g = self._check_ids(np.asarray([global_id]))[0]
+        s = int(self.shard_of(g))
+        return self.shard_paths[s], np.array(self.rows(s)[g - self.starts[s]])
+
+    def locate_many(self, ids: np.ndarray | list[int]) -> list[ShardGroup]:
+        """Group ids by shard (shard order), each group sorted by id, which is also offset order."""
+        ids = np.sort(self._check_ids(np.asarray(ids)))
+        shards = self.shard_of(ids)
+        cuts = np.flatnonzero(np.diff(shards)) + 1
+        groups = []
+        for part in np.split(np.arange(len(ids)), cuts) if len(ids) else []:
+            s = int(shards[part[0]])
+            local = ids[part] - self.starts[s]
+            groups.append(ShardGroup(s, self.shard_paths[s], ids[part], np.asarray(self.rows(s)[local])))
+        return groups
+
+    def _check_ids(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"sample ids must be integers, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64).ravel()
+        bad = ids[(ids < 0) | (ids >= len(self))]
+        if bad.size:
+            raise IndexError(f"sample id {int(bad[0])} out of range for {len(self)} samples in {self.dir}")
+        return ids
+
+
+def _read_sizes(path: Path) -> dict[str, int]:
+    try:
+        sizes = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: not a shard folder (build one with `dpcap data build`)") from None
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(sizes, dict) or not sizes:
+        raise DataError(f"{path} must be a non-empty JSON object {{shard name: sample count}}")
+    for name, n in sizes.items():
+        if not name.endswith(".tar") or "/" in name or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise DataError(f"{path}: bad entry {name!r}: {n!r} (want 'NAME.tar': count >= 0)")
+    return sizes
+
+
+def _check_shard(path: Path, count: int) -> None:
+    if not path.is_file():
+        raise DataError(f"shard {path} listed in {SIZES_FILE} is missing")
+    idx = index_path(path)
+    try:
+        size = idx.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"index file {idx} for shard {path.name} is missing") from None
+    if size != count * ROW_BYTES:
+        raise DataError(f"index file {idx} holds {size} bytes, expected {count * ROW_BYTES} for {count} samples")

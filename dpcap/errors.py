@@ -1,0 +1,29 @@
+"""Errors a user can act on.
+
+`DpcapError` and its subclasses are the only exceptions the command line turns into a one-line
+``error: …`` message; anything else is a bug and keeps its traceback.
+"""
+
+
+class DpcapError(Exception):
+    """Something the user can fix: a bad config key, a missing shard, bad input (exit code 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(DpcapError):
+    """An unknown config key, a wrong type or an out-of-range value."""
+
+
+class DataError(DpcapError):
+    """Missing or unreadable data: no shards, a missing shard file, an empty source folder."""
+
+
+class PrivacyError(DpcapError):
+    """A model or setting the privacy engine cannot handle (e.g. an uncovered parameter)."""
+
+
+class BudgetExceededError(DpcapError):
+    """The next step would cross the run's epsilon budget (exit code 3: never requeue)."""
+
+    exit_code = 3

@@ -1,0 +1,236 @@
+"""Typed captioner configs and the registry of named sizes (``nano`` … ``large``).
+
+Sizes are registered by decorated functions, as timm's ``@register_model``; each returns a frozen
+`CaptionerConfig` made of one dataclass per tower, as open_clip's ``CLIPVisionCfg``/``CLIPTextCfg``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from dpcap.data.tokenizer import VOCAB_SIZE, CaptionTokenizer
+from dpcap.errors import ConfigError
+from dpcap.model.captioner import Captioner
+
+
+def _check_positive_int(owner: str, key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{owner}.{key} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ConfigError(f"{owner}.{key} must be > 0, got {value}")
+
+
+def _check_ratio(owner: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{owner}.mlp_ratio must be a positive number, got {value!r}")
+
+
+def _check_heads(owner: str, width: int, heads: int) -> None:
+    if width % heads:
+        raise ConfigError(f"{owner}.width ({width}) must be divisible by {owner}.heads ({heads})")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT encoder: square images of `image_size` px cut into `patch_size` px patches."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        for key in ("image_size", "patch_size", "width", "layers", "heads"):
+            _check_positive_int("vision", key, getattr(self, key))
+        _check_ratio("vision", self.mlp_ratio)
+        _check_heads("vision", self.width, self.heads)
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
+
+    @property
+    def num_tokens(self) -> int:
+        """CLS + patch tokens the decoder cross-attends to: ``1 + (image_size / patch_size)²``."""
+        return 1 + (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Causal text decoder over `context_length` BPE tokens."""
+
+    context_length: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    vocab_size: int = VOCAB_SIZE
+
+    def __post_init__(self) -> None:
+        for key in ("context_length", "width", "layers", "heads", "vocab_size"):
+            _check_positive_int("text", key, getattr(self, key))
+        _check_ratio("text", self.mlp_ratio)
+        _check_heads("text", self.width, self.heads)
+        if self.context_length < 2:
+            raise ConfigError(f"context_length must be >= 2 (SOT and EOT), got {self.context_length}")
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """A named captioner: both towers, whether Linear layers carry a bias, and the pixel normalisation."""
+
+    name: str
+    vision: VisionConfig
+    text: TextConfig
+    bias: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias must be a bool, got {type(self.bias).__name__} {self.bias!r}")
+
+
+class SizeRegistry:
+    """Named sizes, filled by the `register` decorator at import and read-only afterwards."""
+
+    def __init__(self) -> None:
+        self._builders: dict[str, Callable[[], CaptionerConfig]] = {}
+
+    def register(self, fn: Callable[[], CaptionerConfig]) -> Callable[[], CaptionerConfig]:
+        """Register `fn` under its function name (decorator)."""
+        if fn.__name__ in self._builders:
+            raise ValueError(f"size {fn.__name__!r} registered twice")
+        self._builders[fn.__name__] = fn
+        return fn
+
+    def names(self) -> list[str]:
+        """Registered size names, in registration order (smallest first)."""
+        return list(self._builders)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._builders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._builders)
+
+    def config(self, name: str) -> CaptionerConfig:
+        """The config of size `name`; ConfigError listing the valid names otherwise."""
+        if name not in self._builders:
+            raise ConfigError(f"unknown model size {name!r}; valid sizes: {', '.join(self._builders)}")
+        return self._builders[name]()
+
+
+SIZES = SizeRegistry()
+
+
+@SIZES.register
+def nano() -> CaptionerConfig:
+    """CPU demo size: 32 px images, 4×4 patches, 4-layer ViT and 2-layer decoder, width 128."""
+    return CaptionerConfig("nano", VisionConfig(32, 4, 128, 4, 4), TextConfig(32, 128, 2, 4))
+
+
+@SIZES.register
+def tiny() -> CaptionerConfig:
+    """64 px, patch 8, 6-layer ViT of width 192; 2-layer decoder."""
+    return CaptionerConfig("tiny", VisionConfig(64, 8, 192, 6, 3), TextConfig(32, 192, 2, 3))
+
+
+@SIZES.register
+def small() -> CaptionerConfig:
+    """ViT-S/16 at 224 px; 6-layer decoder of width 384, 40 tokens."""
+    return CaptionerConfig("small", VisionConfig(224, 16, 384, 12, 6), TextConfig(40, 384, 6, 6))
+
+
+@SIZES.register
+def base() -> CaptionerConfig:
+    """DP-Cap: ViT-B/16 at 224 px; 6-layer decoder of width 768 (FFN 3072), 40 tokens."""
+    return CaptionerConfig("base", VisionConfig(224, 16, 768, 12, 12), TextConfig(40, 768, 6, 12))
+
+
+@SIZES.register
+def large() -> CaptionerConfig:
+    """ViT-L/16 at 224 px; 6-layer decoder of width 1024, 40 tokens."""
+    return CaptionerConfig("large", VisionConfig(224, 16, 1024, 24, 16), TextConfig(40, 1024, 6, 16))
+
+
+# flat override key -> (section, field, expected type)
+_OVERRIDES: dict[str, tuple[str, str, type]] = {
+    "image_size": ("vision", "image_size", int),
+    "patch_size": ("vision", "patch_size", int),
+    "vision_width": ("vision", "width", int),
+    "vision_layers": ("vision", "layers", int),
+    "vision_heads": ("vision", "heads", int),
+    "text_width": ("text", "width", int),
+    "text_layers": ("text", "layers", int),
+    "text_heads": ("text", "heads", int),
+    "context_length": ("text", "context_length", int),
+    "mlp_ratio": ("both", "mlp_ratio", float),
+    "bias": ("top", "bias", bool),
+}
+
+
+def _typed(key: str, value: object, kind: type) -> object:
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is bool and isinstance(value, bool):
+        return value
+    raise ConfigError(f"model override {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def list_sizes() -> list[str]:
+    """Names of the registered sizes, smallest first."""
+    return SIZES.names()
+
+
+def get_config(name: str, **overrides: object) -> CaptionerConfig:
+    """Config of size `name` with flat `overrides` (see the keys of ``_OVERRIDES``) applied and re-validated."""
+    cfg = SIZES.config(name)
+    vision: dict[str, object] = {}
+    text: dict[str, object] = {}
+    top: dict[str, object] = {}
+    for key, value in overrides.items():
+        if key not in _OVERRIDES:
+            raise ConfigError(f"unknown model override {key!r}; valid keys: {', '.join(_OVERRIDES)}")
+        section, field, kind = _OVERRIDES[key]
+        value = _typed(key, value, kind)
+        targets = {"vision": (vision,), "text": (text,), "both": (vision, text), "top": (top,)}[section]
+        for target in targets:
+            target[field] = value
+    return dataclasses.replace(
+        cfg,
+        vision=dataclasses.replace(cfg.vision, **vision),
+        text=dataclasses.replace(cfg.text, **text),
+        **top,
+    )
+
+
+def create_captioner(name: str, *, seed: int | None = None, **overrides: object) -> Captioner:
+    """Build the captioner of size `name` (with `overrides`, see `get_config`) on the CPU.
+
+    Initialisation draws from a forked copy of torch's CPU generator seeded with `seed` (a fresh
+    random seed when None), so the same seed gives identical weights and the caller's global RNG
+    state is left untouched.
+    """
+    cfg = get_config(name, **overrides)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed must be an int or None, got {seed!r}")
+    init_seed = secrets.randbits(63) if seed is None else seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return Captioner(cfg)
+
+
+def get_tokenizer(name: str, **overrides: object) -> CaptionTokenizer:
+    """Tokenizer whose rows have the context length of size `name` (as ``open_clip.get_tokenizer``).
+
+    Accepts the same `overrides` as `get_config`, so ``context_length=…`` matches the model's.
+    """
+    return CaptionTokenizer(get_config(name, **overrides).text.context_length)

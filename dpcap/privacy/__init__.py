@@ -1,0 +1,5 @@
+"""The privacy core: per-sample clipping, noise and accounting (pure maths; no I/O, no distributed)."""
+
+from .clipper import Clipper
+
+__all__ = ["Clipper"]

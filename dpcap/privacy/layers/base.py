@@ -1,0 +1,89 @@
+"""The contract every layer kind implements, and the registry the Clipper owns.
+
+A layer handler answers three questions about one module, given what the forward pass left
+behind (`x`, the module's input activations of every call, and `g`, the gradient of the summed
+per-sample losses with respect to the module's output of every call):
+
+* which of the module's *own* parameters it can clip per sample (`covers`);
+* each sample's squared gradient norm, summed over those parameters (`sq_norms`, shape (B,));
+* the clipped sum Σ_i c_i ∇_θ ℓ_i for each of those parameters (`clipped_sums`).
+
+Because ℓ = Σ_i ℓ_i and samples never interact, g[i] = ∂ℓ_i/∂out[i]: the per-sample gradient of a
+parameter is a function of (x[i], g[i]) alone, which is what makes one backward enough
+("book-keeping", Bu et al. 2023).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Capture:
+    """One forward call of a tapped module: its input activation and its (graph-attached) output."""
+
+    inputs: tuple
+    output: torch.Tensor
+
+
+class LayerHandler:
+    """Base class of the per-layer maths. Subclasses set `module_types` and override the methods."""
+
+    module_types: tuple[type[nn.Module], ...] = ()
+
+    def covers(self, module: nn.Module) -> set[str]:
+        """Names of the module's own (non-recursive) parameters this handler can clip."""
+        raise NotImplementedError
+
+    def check(self, module: nn.Module) -> str | None:
+        """A reason this particular module cannot be handled (unsupported options), or None."""
+        return None
+
+    def tap(self, module: nn.Module) -> nn.Module:
+        """The module whose forward inputs/outputs carry the information (usually `module` itself)."""
+        return module
+
+    def sq_norms(self, module: nn.Module, captures: Sequence[Capture], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-sample squared gradient norms (B,), float32, over the trainable parameters covered."""
+        raise NotImplementedError
+
+    def clipped_sums(
+        self, module: nn.Module, captures: Sequence[Capture], grads: Sequence[torch.Tensor], clip: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Σ_i clip[i]·∇ℓ_i for each trainable covered parameter, keyed by parameter name."""
+        raise NotImplementedError
+
+
+def trainable(module: nn.Module, name: str) -> bool:
+    """Whether `module.<name>` is a parameter that requires a gradient."""
+    param = getattr(module, name, None)
+    return isinstance(param, nn.Parameter) and param.requires_grad
+
+
+class LayerRegistry:
+    """Maps module types to handlers; looked up along `type(module).__mro__` (most specific first)."""
+
+    def __init__(self, handlers: Sequence[LayerHandler] = ()) -> None:
+        self._by_type: dict[type[nn.Module], LayerHandler] = {}
+        for handler in handlers:
+            self.register(handler)
+
+    def register(self, handler: LayerHandler) -> LayerHandler:
+        for module_type in handler.module_types:
+            self._by_type[module_type] = handler
+        return handler
+
+    def lookup(self, module: nn.Module) -> LayerHandler | None:
+        for klass in type(module).__mro__:
+            if klass in self._by_type:
+                return self._by_type[klass]
+        return None
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """At least float32 (norm sums stay exact enough under bf16/fp16 autocast); float64 stays float64."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor

@@ -1,0 +1,77 @@
+"""Raw parameters added to the token stream: a ViT's cls_token / pos_embed, a decoder's positions.
+
+Such a parameter P (shape (1, T, D)) enters as x + P broadcast over the batch (the cls token is
+concatenated, then the positions are added), so for the token stream z after the addition,
+∇_P ℓ_i = ∂ℓ_i/∂z_i and ∇_cls ℓ_i = ∂ℓ_i/∂z_{i,0}. Tapping z's gradient gives both exactly, without
+touching the model's code. Each is (T·D) per sample, so it is materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from dpcap.model.decoder import LearnedPositions
+
+from .base import LayerHandler, trainable, upcast
+
+
+class LearnedPositionsHandler(LayerHandler):
+    """`LearnedPositions.forward(x) = x + weight[:, :T]`: the output gradient is the per-sample gradient."""
+
+    module_types = (LearnedPositions,)
+
+    def covers(self, module: nn.Module) -> set[str]:
+        return {"weight"}
+
+    def sq_norms(self, module, captures, grads):
+        total = sum(upcast(g).reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads)
+        return total if trainable(module, "weight") else torch.zeros_like(total)
+
+    def clipped_sums(self, module, captures, grads, clip):
+        if not trainable(module, "weight"):
+            return {}
+        summed = clip.new_zeros(module.weight.shape)
+        for g in grads:
+            summed[:, : g.shape[1]] += torch.tensordot(clip, upcast(g), dims=1)
+        return {"weight": summed}
+
+
+class VisionTransformerTokensHandler(LayerHandler):
+    """timm VisionTransformer's own `cls_token` and `pos_embed`, read off the token stream at `norm_pre`."""
+
+    module_types = (VisionTransformer,)
+
+    def covers(self, module: nn.Module) -> set[str]:
+        return {"cls_token", "pos_embed"}
+
+    def check(self, module: nn.Module) -> str | None:
+        pos_drop = getattr(module.pos_drop, "p", 0.0)
+        if module.reg_token is not None or getattr(module, "dynamic_img_size", False):
+            return "register tokens and dynamic image size are not supported"
+        if pos_drop or not isinstance(module.patch_drop, nn.Identity) or not isinstance(module.norm_pre, nn.Identity):
+            return "pos_drop, patch_drop and norm_pre must be identities (the token stream is read at norm_pre)"
+        return None
+
+    def tap(self, module: nn.Module) -> nn.Module:
+        return module.norm_pre
+
+    def _per_sample(self, module, grads) -> dict[str, torch.Tensor]:
+        (g,) = grads if len(grads) == 1 else (torch.stack(list(grads)).sum(0),)
+        g = upcast(g)
+        out = {}
+        if trainable(module, "cls_token"):
+            out["cls_token"] = g[:, :1]
+        if trainable(module, "pos_embed"):
+            out["pos_embed"] = g[:, 1:] if module.no_embed_class else g
+        return out
+
+    def sq_norms(self, module, captures, grads):
+        total = upcast(grads[0]).new_zeros(grads[0].shape[0])
+        for value in self._per_sample(module, grads).values():
+            total += value.reshape(value.shape[0], -1).pow(2).sum(dim=1)
+        return total
+
+    def clipped_sums(self, module, captures, grads, clip):
+        return {name: torch.tensordot(clip, v, dims=1)[None] for name, v in self._per_sample(module, grads).items()}

@@ -1,0 +1,1 @@
+"""The trainer: one logical DP step, checkpoints, the resumable run loop, metrics."""

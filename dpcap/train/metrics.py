@@ -1,0 +1,118 @@
+"""Rank-0 metric writer: one JSON line per logical step, wandb (offline by default), a progress bar.
+
+Like big_vision's metric writer it fails loudly on a non-finite loss instead of training on.
+Logged losses and norm statistics are for the operator: they are not covered by the DP guarantee
+(invariant 6) — only the weights are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from dpcap.errors import DpcapError
+
+
+class NonFiniteLossError(DpcapError):
+    """Training produced a NaN/inf loss; the run stops at the last good checkpoint."""
+
+
+class MetricWriter:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        total_steps: int,
+        wandb_mode: str = "offline",
+        project: str = "dpcap",
+        config: dict | None = None,
+        progress: bool = True,
+        enabled: bool = True,
+        start_step: int = 0,
+    ) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._wandb_run = None
+        self._bar = None
+        if not enabled:
+            return
+        if wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._wandb_run = wandb.init(
+                project=project, dir=str(run_dir), mode=wandb_mode, config=config, resume="allow", id=_wandb_id(run_dir)
+            )
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="dp steps", unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        loss = record.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss {loss} at step {record.get('step')}; resume from the last checkpoint"
+            )
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log(record, step=record["step"])
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", eps=f"{record.get('epsilon', 0):.2f}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable id per run folder, so a resumed run continues the same wandb run."""
+    import hashlib
+
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint a run resumes from (those steps will be redone)."""
+    records = [r for r in read_metrics(path) if r["step"] <= last_step]
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
+    """Loss and ε against the logical step, as one PNG (matplotlib Agg, no display)."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(steps, [r["loss"] for r in records])
+    ax_loss.set(xlabel="logical step", ylabel="train loss (not private)", title="loss")
+    ax_eps.plot(steps, [r["epsilon"] for r in records], color="tab:red")
+    ax_eps.set(xlabel="logical step", ylabel="ε spent", title="privacy")
+    fig.tight_layout()
+    tmp = Path(out_png).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return Path(out_png)

@@ -1,0 +1,96 @@
+"""One logical DP-SGD step: micro-batches → per-sample clip → reduce + noise once → ÷ qN → AdamW.
+
+The logical batch is what the Poisson sampler drew for this step (its size varies, and may be 0);
+it is processed in micro-batches whose clipped sums accumulate in `.grad`. Only after the last
+micro-batch is noise added — once — and the sum divided by the expected batch size qN
+(invariant 3), so the update's sensitivity to one example is C/(qN) whatever the realised size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from dpcap.data.reader import Batch
+from dpcap.privacy import Clipper
+from dpcap.train.metrics import NonFiniteLossError
+
+
+@dataclass
+class StepStats:
+    """Operator statistics of one logical step (not covered by the DP guarantee, invariant 6)."""
+
+    batch_size: int = 0
+    loss_sum: float = 0.0
+    clipped: int = 0
+    norms: list[float] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def loss(self) -> float | None:
+        return self.loss_sum / self.batch_size if self.batch_size else None
+
+    def summary(self) -> dict:
+        norms = torch.tensor(self.norms) if self.norms else None
+        return {
+            "loss": self.loss,
+            "batch_size": self.batch_size,
+            "skipped": sum(self.skipped.values()),
+            "clipped_fraction": self.clipped / self.batch_size if self.batch_size else None,
+            "grad_norm_median": float(norms.median()) if norms is not None else None,
+        }
+
+
+def per_sample_losses(model, batch: Batch, device: torch.device, precision: str) -> torch.Tensor:
+    images, tokens = batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with autocast:
+        losses = model.per_sample_loss(images, tokens)
+    if not torch.isfinite(losses).all():
+        raise NonFiniteLossError(
+            f"non-finite per-sample loss for sample ids {batch.ids[~torch.isfinite(losses.cpu())].tolist()}"
+        )
+    return losses
+
+
+def logical_step(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    *,
+    clipper: Clipper | None,
+    optimizer: torch.optim.Optimizer,
+    reducer,
+    noise_std: float,
+    generator: torch.Generator | None,
+    expected_batch_size: float,
+    device: torch.device,
+    precision: str = "fp32",
+) -> StepStats:
+    """Run one logical step over `batches`; `clipper=None` (σ = 0) is the non-private baseline."""
+    stats = StepStats()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    model.train()
+    for batch in batches:
+        stats.skipped.update(batch.skipped)
+        if len(batch) == 0:
+            continue
+        losses = per_sample_losses(model, batch, device, precision)
+        if clipper is not None:
+            norms = clipper.backward(losses)
+            stats.norms.extend(norms.tolist())
+            stats.clipped += int((norms > clipper.max_grad_norm).sum())
+        else:
+            losses.sum().backward()
+        stats.batch_size += len(batch)
+        stats.loss_sum += float(losses.detach().sum())
+    for p in params:  # an empty logical batch still takes a (noise-only) step: invariant 1
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    reducer.finish(params, noise_std=noise_std, generator=generator, expected_batch_size=expected_batch_size)
+    optimizer.step()
+    return stats
