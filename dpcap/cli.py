@@ -166,8 +166,8 @@ def _cmd_train(args: argparse.Namespace) -> dict:
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a run folder)")
         config_path, overrides = saved, [*overrides, f"run_dir={args.resume}"]
-    if config_path is None:
-        raise ConfigError("give a CONFIG file (see configs/) or --resume RUN_DIR")
+    if config_path is None and not overrides:
+        raise ConfigError("give a CONFIG file (see configs/), key=value overrides, or --resume RUN_DIR")
     return train(load_config(config_path, overrides))
 
 

@@ -12,18 +12,20 @@ as segments ``(σ, q, steps)``. Two accountants turn a run into an ``(ε, δ)`` 
 - ``"prv"``: numerical composition of privacy-loss random variables (Gopi, Lee & Wutschitz 2021,
   arXiv:2106.02848), built from ``opacus.accountants.analysis.prv``: each segment's PRV is
   truncated and discretised on one common mesh, self-composed by FFT and the segments convolved
-  together. It reports the upper end of the PRV error bracket (estimate + ``eps_error``), and
-  the RDP bound instead where that is lower, since both are valid upper bounds.
+  together. It reports the upper end of the PRV error bracket (estimate + ``eps_error``), or the
+  RDP bound on ``INTEGER_RDP_ORDERS`` where that is lower (both are valid upper bounds; this
+  only happens for very small or very large ε).
 
 Robustness of the PRV path (documented failure modes of the numerical method):
 
-- the discretisation domain is sized from RDP tail bounds (Gopi et al., remark 5.6) computed on
-  the cached, extended RDP grid, so repeated calls during training cost one FFT;
+- the discretisation domain is sized from RDP tail bounds (Gopi et al., remark 5.6) on cached
+  integer-order RDP curves, so repeated calls during training cost one discretisation and FFT;
 - ``eps_error`` is 0.01 (opacus' default) for 1 ≤ ε ≤ 10, 1 % of ε below (down to 1e-3) and 0.1 %
   above, and coarser when huge step counts would need more than ``PRV_MAX_DOMAIN`` mesh points;
 - ``delta_error`` is δ/1000, so the upper bound holds at δ itself;
 - any numerical failure of the PRV machinery (tiny δ, a discretisation whose mean drifts, an ε
-  outside the domain) falls back to the RDP bound with a ``RuntimeWarning``.
+  outside the domain, overflow when ε is in the hundreds) falls back to the RDP bound with a
+  ``RuntimeWarning``.
 
 All functions are pure; caches are ``functools.lru_cache`` on pure functions of hashable inputs.
 The :class:`Ledger` is the only stateful object and knows nothing of optimizers or files.

@@ -26,11 +26,11 @@ TAN_NOTE = "TAN-scaled (Sander et al. 2023) noise for cheap hyper-parameter sear
 
 
 def plan(
-    *,
     num_samples: int,
     batch_size: int,
     steps: int,
     epsilon: float,
+    *,
     delta: float | None = None,
     gpus: int | None = None,
     per_gpu_batch: int | None = None,

@@ -61,7 +61,7 @@ def test_dpcap_plan_prv_needs_less_noise(dpcap_rdp_plan):
 
 
 def test_small_plan_without_hardware():
-    p = plan(num_samples=10_000, batch_size=1_000, steps=50, epsilon=4.0, delta=1e-5, accountant="rdp")
+    p = plan(10_000, 1_000, 50, 4.0, delta=1e-5, accountant="rdp")  # the CLI calls it positionally
     assert p["accumulation_steps"] is None and p["gpus"] is None and p["per_gpu_batch"] is None
     assert p["epochs"] == pytest.approx(5.0)
     assert p["tan_equivalent"]["batch_size"] == 1_000 // 256

@@ -1,0 +1,86 @@
+"""The command line: JSON output, exit codes, and one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dpcap.cli import main
+from dpcap.privacy.accountant import calibrate_sigma, epsilon
+from tests.conftest import train_overrides, write_caption_folder
+
+
+def run_json(capsys, argv: list[str]) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_privacy_epsilon_and_sigma(capsys):
+    args = ["--sample-rate", "0.02", "--steps", "500", "--delta", "1e-5"]
+    eps = run_json(capsys, ["privacy", "epsilon", "--sigma", "1.1", *args, "--accountant", "rdp"])
+    assert eps["epsilon"] == pytest.approx(epsilon(1.1, 0.02, 500, 1e-5, accountant="rdp"))
+    assert eps["epsilon"] == pytest.approx(2.576, abs=2e-3)  # dp-accounting's RDP value (NOTES.md)
+    sigma = run_json(capsys, ["privacy", "sigma", "--epsilon", "3", *args])
+    assert sigma["sigma"] == pytest.approx(calibrate_sigma(3.0, 0.02, 500, 1e-5), rel=1e-6)
+
+
+def test_plan_reproduces_dpcap(capsys):
+    argv = ["plan", "--num-samples", "233804767", "--batch-size", "1310720", "--steps", "5708", "--epsilon", "8"]
+    result = run_json(capsys, [*argv, "--accountant", "rdp", "--gpus", "128", "--per-gpu-batch", "128"])
+    assert result["sigma"] == pytest.approx(0.728, rel=0.01)
+    assert result["accumulation_steps"] == 80
+    assert result["epochs"] == pytest.approx(32.0, rel=0.01)
+
+
+def test_data_build_and_stats(capsys, tmp_path):
+    manifest = write_caption_folder(tmp_path / "src", count=10)
+    (tmp_path / "src" / "images" / "0003.png").write_bytes(b"not an image")
+    built = run_json(capsys, ["data", "build", str(manifest), "--out", str(tmp_path / "shards")])
+    assert built["written"] == 9 and built["skipped"] == {"corrupt_image": 1}
+    assert run_json(capsys, ["data", "stats", str(tmp_path / "shards")])["samples"] == 9
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "data.shards=/nonexistent", "privacy.sigma=1"], "nonexistent"),
+        (["train", "data.shards=x", "privacy.sigma=1", "train.nonsense=3"], "train.nonsense"),
+        (["train", "data.shards=x", "privacy.sigma=1", "train.steps=many"], "train.steps"),
+        (["train", "data.shards=x"], "privacy.sigma"),
+        (
+            ["privacy", "epsilon", "--sigma", "1", "--sample-rate", "2", "--steps", "3", "--delta", "1e-5"],
+            "sample_rate",
+        ),
+        (["data", "stats", "/nonexistent"], "sizes.json"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_config_file_errors_name_the_file(capsys, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("train:\n  stpes: 3\n")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "train.stpes" in err
+
+
+def test_module_entry_point_trains_and_prints_json(tiny_shards, tmp_path):
+    argv = [
+        sys.executable,
+        "-m",
+        "dpcap",
+        "train",
+        *train_overrides(tiny_shards, tmp_path / "run", **{"train.steps": 1}),
+        "--json",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["step"] == 1 and result["sampling"] == "poisson"
