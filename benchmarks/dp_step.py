@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence

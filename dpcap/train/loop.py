@@ -26,10 +26,10 @@ from dpcap.privacy import Clipper
 from dpcap.privacy.accountant import Ledger, calibrate_sigma, epsilon
 from dpcap.privacy.noise import secret_generator
 from dpcap.train.metrics import MetricWriter, plot_curves, truncate_metrics
-from dpcap.train.reduce import LocalReducer
+from dpcap.train.reduce import make_reducer
 from dpcap.train.state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from dpcap.train.step import logical_step
-from dpcap.train.world import World, detect_world
+from dpcap.train.world import World, detect_world, device_for, init_distributed
 
 # Relative slack on the ε budget: calibrate_sigma is exact to 1e-3 in σ, not in ε.
 _BUDGET_RTOL = 1e-6
@@ -104,12 +104,6 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=config.train.lr, betas=config.train.betas)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_model(config: RunConfig):
     m = config.model
     return create_captioner(m.size, seed=m.seed, **m.overrides())
@@ -148,9 +142,11 @@ def _noise_generator(plan_seed: int | None, step: int, device: torch.device, cur
 def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: int | None = None) -> dict:
     """Train (or resume) the run in `config.run_dir`; returns a summary dict (also the CLI's JSON)."""
     world = world or detect_world()
+    init_distributed(world)
+    reducer = make_reducer(world)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.train.device)
+    device = device_for(world, config.train.device)
     index = ShardIndex(config.data.shards)
     plan = plan_privacy(config, len(index))
 
@@ -165,7 +161,8 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
     else:
         seed = config.privacy.insecure_sampler_seed
         seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        state, ledger = TrainState(step=0, sampler_seed=seed, ledger={}), Ledger()
+        # The sampling secret is drawn once (rank 0) and shared: every rank must draw the same ids.
+        state, ledger = TrainState(step=0, sampler_seed=reducer.broadcast_int(seed), ledger={}), Ledger()
         if world.is_main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if world.is_main:
@@ -190,7 +187,7 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
         enabled=world.is_main,
         start_step=state.step,
     )
-    reducer, generator = LocalReducer(), None
+    generator = None
     end = config.train.steps if max_steps_this_run is None else min(config.train.steps, state.step + max_steps_this_run)
     stopped_by = None
     try:
@@ -205,7 +202,8 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
                 batches = MicroBatchLoader(
                     reader, split_micro_batches(ids, config.train.micro_batch_size), num_workers=config.data.num_workers
                 )
-                generator = _noise_generator(config.privacy.insecure_noise_seed, step, device, generator)
+                if world.is_main:  # the only noise draw of the step happens on rank 0 (invariant 3)
+                    generator = _noise_generator(config.privacy.insecure_noise_seed, step, device, generator)
                 stats = logical_step(
                     model,
                     batches,
@@ -220,6 +218,8 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
                 )
                 ledger.record(plan.sigma, plan.sample_rate)
                 state.step = step + 1
+                stats.reduce(reducer)
+                stop_requested = reducer.sum_scalars([float(stop.signal is not None)])[0] > 0
                 spent = ledger.epsilon(plan.delta, accountant=plan.accountant) if plan.sigma > 0 else math.inf
                 record = {
                     "step": state.step,
@@ -231,12 +231,12 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
                 if record["loss"] is None:
                     record.pop("loss")
                 writer.write(record)
-                due = state.step % config.train.checkpoint_every == 0 or state.step == end or stop.signal is not None
+                due = state.step % config.train.checkpoint_every == 0 or state.step == end or stop_requested
                 if due and world.is_main:
                     state.ledger, state.privacy = ledger.state_dict(), plan.card(state.step, spent)
                     save_checkpoint(run_dir, model, optimizer, state, keep=config.train.keep_checkpoints)
-                if stop.signal is not None:
-                    stopped_by = signal.Signals(stop.signal).name
+                if stop_requested:
+                    stopped_by = signal.Signals(stop.signal).name if stop.signal else "signal on another rank"
                     break
     finally:
         writer.close()

@@ -34,6 +34,11 @@ class StepStats:
     def loss(self) -> float | None:
         return self.loss_sum / self.batch_size if self.batch_size else None
 
+    def reduce(self, reducer) -> None:
+        """Sum the world's counts so rank 0 logs the whole logical batch (norms stay rank-local)."""
+        total = reducer.sum_scalars([self.batch_size, self.loss_sum, self.clipped])
+        self.batch_size, self.loss_sum, self.clipped = int(total[0]), total[1], int(total[2])
+
     def summary(self) -> dict:
         norms = torch.tensor(self.norms) if self.norms else None
         return {
