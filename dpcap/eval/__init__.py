@@ -19,6 +19,14 @@ _EXPORTS = {
     "extract_features": "features",
     "cached_features": "features",
     "labelled_features": "features",
+    "few_shot": "fewshot",
+    "shot_indices": "fewshot",
+    "zero_shot": "zeroshot",
+    "zero_shot_accuracy": "zeroshot",
+    "ZeroShotClassifier": "zeroshot",
+    "PromptTrie": "zeroshot",
+    "score_prompts": "zeroshot",
+    "template_prompts": "zeroshot",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -219,3 +219,13 @@ def test_bias_flag_removes_linear_biases() -> None:
     assert linears and all(m.bias is None for m in linears)
     assert model.encoder.patch_embed.proj.bias is not None  # documented: timm keeps the conv bias
     assert get_config("nano").bias is True
+
+
+def test_trailing_padding_is_cut_without_changing_the_loss(model, images, tokens) -> None:
+    eot = (tokens == EOT_ID).float().argmax(dim=1)
+    rows = eot < eot.max()  # the captions shorter than the longest one
+    short = tokens[rows][:, : int(eot[rows].max()) + 1]
+    assert rows.any() and short.shape[1] < tokens.shape[1]
+    torch.testing.assert_close(
+        model.per_sample_loss(images[rows], short), model.per_sample_loss(images[rows], tokens[rows])
+    )
