@@ -100,3 +100,22 @@ def test_training_reduces_the_loss_without_noise(tiny_shards, tmp_path):
     train(load_config(None, train_overrides(tiny_shards, tmp_path / "run", **extra)))
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_corrupt_sample_is_skipped_and_counted_without_changing_n(tiny_shards, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    offsets = np.fromfile(shards / "shard-000000.idx", dtype="<u8").reshape(-1, 6)
+    image_offset, image_size = int(offsets[3, 0]), int(offsets[3, 1])
+    with open(shards / "shard-000000.tar", "r+b") as handle:  # damage one image inside the tar
+        handle.seek(image_offset)
+        handle.write(b"\0" * image_size)
+    overrides = train_overrides(shards, tmp_path / "run", **{"train.steps": 1, "train.batch_size": 48})
+    result = train(load_config(None, overrides))
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["skipped"] == 1 and record["batch_size"] == 47  # q = 1: every other sample was used
+    assert result["num_samples"] == 48 and result["sample_rate"] == 1.0  # N and q are those of sizes.json
