@@ -89,16 +89,18 @@ class Clipper:
             ]
             cursor += count
         del grads, outputs
+        prepared = {}
         sq_norms = losses.new_zeros(losses.shape[0], dtype=torch.promote_types(losses.dtype, torch.float32))
         for i in active:
             _, module, handler = self._layers[i]
-            sq_norms += handler.sq_norms(module, self._captures[i], per_layer[i])
+            prepared[i] = handler.prepare(module, self._captures.pop(i), per_layer.pop(i))
+            sq_norms += handler.sq_norms(module, prepared[i])
         norms = sq_norms.sqrt()
         clip = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0)
         for i in active:
             _, module, handler = self._layers[i]
             # Pop as we go: each layer's activations and output gradients are freed once used.
-            for name, value in handler.clipped_sums(module, self._captures.pop(i), per_layer.pop(i), clip).items():
+            for name, value in handler.clipped_sums(module, prepared.pop(i), clip).items():
                 _accumulate(getattr(module, name), value)
         self._ensure_grads()
         return norms

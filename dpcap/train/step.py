@@ -45,7 +45,7 @@ class StepStats:
             "loss": self.loss,
             "batch_size": self.batch_size,
             "skipped": sum(self.skipped.values()),
-            "clipped_fraction": self.clipped / self.batch_size if self.batch_size else None,
+            "clipped_fraction": self.clipped / self.batch_size if self.batch_size and self.norms else None,
             "grad_norm_median": float(norms.median()) if norms is not None else None,
         }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,12 @@ class Capture:
 
 
 class LayerHandler:
-    """Base class of the per-layer maths. Subclasses set `module_types` and override the methods."""
+    """Base class of the per-layer maths. Subclasses set `module_types` and override the methods.
+
+    The clipper calls `prepare` once per layer and step (after the backward), then `sq_norms` and,
+    once the clip factors are known, `clipped_sums` on what `prepare` returned — so work shared by
+    the two (unfolding patches, per-sample bias gradients) is done once.
+    """
 
     module_types: tuple[type[nn.Module], ...] = ()
 
@@ -47,13 +53,15 @@ class LayerHandler:
         """The module whose forward inputs/outputs carry the information (usually `module` itself)."""
         return module
 
-    def sq_norms(self, module: nn.Module, captures: Sequence[Capture], grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-sample squared gradient norms (B,), float32, over the trainable parameters covered."""
+    def prepare(self, module: nn.Module, captures: Sequence[Capture], grads: Sequence[torch.Tensor]) -> Any:
+        """What `sq_norms` and `clipped_sums` need, computed once from the forward captures and output grads."""
         raise NotImplementedError
 
-    def clipped_sums(
-        self, module: nn.Module, captures: Sequence[Capture], grads: Sequence[torch.Tensor], clip: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def sq_norms(self, module: nn.Module, prepared: Any) -> torch.Tensor:
+        """Per-sample squared gradient norms (B,), at least float32, over the trainable parameters covered."""
+        raise NotImplementedError
+
+    def clipped_sums(self, module: nn.Module, prepared: Any, clip: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σ_i clip[i]·∇ℓ_i for each trainable covered parameter, keyed by parameter name."""
         raise NotImplementedError
 

@@ -10,20 +10,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerHandler, trainable, upcast
-from .linear import matrix_clipped_sum, matrix_sq_norms
+from .base import LayerHandler, upcast
+from .linear import MatrixLayer
 
 
-def _patches_and_grads(module: nn.Conv2d, captures, grads) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, gs = [], []
-    for capture, g in zip(captures, grads):
-        x = capture.inputs[0]
-        unfolded = F.unfold(
-            x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
-        )
-        xs.append(upcast(unfolded.transpose(1, 2)))  # (B, L, C·kh·kw)
-        gs.append(upcast(g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)))  # (B, L, O)
-    return torch.cat(xs, dim=1), torch.cat(gs, dim=1)
+def unfold_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(B, L, C·kh·kw) input patches in F.unfold's feature order.
+
+    Non-overlapping patches (stride = kernel, no padding or dilation: a ViT patch embedding) are a
+    pure reshape; CPU im2col is much slower for that case.
+    """
+    kh, kw = module.kernel_size
+    batch, channels, height, width = x.shape
+    plain = module.stride == (kh, kw) and module.padding == (0, 0) and module.dilation == (1, 1)
+    if plain and height % kh == 0 and width % kw == 0:
+        patches = x.reshape(batch, channels, height // kh, kh, width // kw, kw).permute(0, 2, 4, 1, 3, 5)
+        return patches.reshape(batch, -1, channels * kh * kw)
+    unfolded = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    return unfolded.transpose(1, 2)
 
 
 class Conv2dHandler(LayerHandler):
@@ -39,20 +43,13 @@ class Conv2dHandler(LayerHandler):
             return f"padding mode {module.padding_mode!r} / padding {module.padding!r} (only explicit zero padding)"
         return None
 
-    def sq_norms(self, module, captures, grads):
-        x, g = _patches_and_grads(module, captures, grads)
-        total = x.new_zeros(x.shape[0])
-        if trainable(module, "weight"):
-            total += matrix_sq_norms(x, g)
-        if trainable(module, "bias"):
-            total += g.sum(dim=1).pow(2).sum(dim=1)
-        return total
+    def prepare(self, module, captures, grads) -> MatrixLayer:
+        xs = [upcast(unfold_patches(module, c.inputs[0])) for c in captures]
+        gs = [upcast(g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)) for g in grads]  # (B, L, O)
+        return MatrixLayer.of(module, torch.cat(xs, dim=1), torch.cat(gs, dim=1))
 
-    def clipped_sums(self, module, captures, grads, clip):
-        x, g = _patches_and_grads(module, captures, grads)
-        sums = {}
-        if trainable(module, "weight"):
-            sums["weight"] = matrix_clipped_sum(x, g, clip).reshape(module.weight.shape)
-        if trainable(module, "bias"):
-            sums["bias"] = (g.sum(dim=1) * clip[:, None]).sum(dim=0)
-        return sums
+    def sq_norms(self, module, prepared: MatrixLayer) -> torch.Tensor:
+        return prepared.sq_norms(module)
+
+    def clipped_sums(self, module, prepared: MatrixLayer, clip):
+        return prepared.clipped_sums(module, clip)

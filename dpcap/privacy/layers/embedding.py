@@ -34,23 +34,23 @@ class EmbeddingHandler(LayerHandler):
             return "sparse gradients are not supported"
         return None
 
-    def _masked(self, module, captures, grads):
+    def prepare(self, module, captures, grads) -> tuple[torch.Tensor, torch.Tensor]:
         ids, g = _ids_and_grads(captures, grads)
-        if module.padding_idx is not None:
+        if module.padding_idx is not None:  # the padding row never receives a gradient
             g = g * (ids != module.padding_idx).unsqueeze(-1)
         return ids, g
 
-    def sq_norms(self, module, captures, grads):
-        ids, g = self._masked(module, captures, grads)
+    def sq_norms(self, module, prepared):
+        ids, g = prepared
         if not trainable(module, "weight"):
             return g.new_zeros(ids.shape[0])
         same_token = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
         return (same_token * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
 
-    def clipped_sums(self, module, captures, grads, clip):
+    def clipped_sums(self, module, prepared, clip):
         if not trainable(module, "weight"):
             return {}
-        ids, g = self._masked(module, captures, grads)
+        ids, g = prepared
         weighted = (g * clip[:, None, None]).reshape(-1, g.shape[-1])
         table = g.new_zeros(module.weight.shape)
         return {"weight": table.index_add_(0, ids.reshape(-1), weighted)}

@@ -37,12 +37,11 @@ class LayerNormHandler(LayerHandler):
     def covers(self, module: nn.Module) -> set[str]:
         return {"weight", "bias"}
 
-    def sq_norms(self, module, captures, grads):
-        total = upcast(grads[0]).new_zeros(grads[0].shape[0])
-        for value in per_sample_affine_grads(module, captures, grads).values():
-            total += value.reshape(value.shape[0], -1).pow(2).sum(dim=1)
-        return total
+    def prepare(self, module, captures, grads) -> dict[str, torch.Tensor]:
+        return per_sample_affine_grads(module, captures, grads)
 
-    def clipped_sums(self, module, captures, grads, clip):
-        per_sample = per_sample_affine_grads(module, captures, grads)
-        return {name: torch.tensordot(clip, value, dims=1) for name, value in per_sample.items()}
+    def sq_norms(self, module, prepared):
+        return sum(v.reshape(v.shape[0], -1).pow(2).sum(dim=1) for v in prepared.values())
+
+    def clipped_sums(self, module, prepared, clip):
+        return {name: torch.tensordot(clip, value, dims=1) for name, value in prepared.items()}

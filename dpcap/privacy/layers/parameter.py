@@ -25,16 +25,18 @@ class LearnedPositionsHandler(LayerHandler):
     def covers(self, module: nn.Module) -> set[str]:
         return {"weight"}
 
-    def sq_norms(self, module, captures, grads):
-        total = sum(upcast(g).reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads)
-        return total if trainable(module, "weight") else torch.zeros_like(total)
+    def prepare(self, module, captures, grads) -> list[torch.Tensor]:
+        return [upcast(g) for g in grads] if trainable(module, "weight") else []
 
-    def clipped_sums(self, module, captures, grads, clip):
-        if not trainable(module, "weight"):
+    def sq_norms(self, module, prepared):
+        return sum(g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in prepared)
+
+    def clipped_sums(self, module, prepared, clip):
+        if not prepared:
             return {}
         summed = clip.new_zeros(module.weight.shape)
-        for g in grads:
-            summed[:, : g.shape[1]] += torch.tensordot(clip, upcast(g), dims=1)
+        for g in prepared:
+            summed[:, : g.shape[1]] += torch.tensordot(clip, g, dims=1)
         return {"weight": summed}
 
 
@@ -57,9 +59,8 @@ class VisionTransformerTokensHandler(LayerHandler):
     def tap(self, module: nn.Module) -> nn.Module:
         return module.norm_pre
 
-    def _per_sample(self, module, grads) -> dict[str, torch.Tensor]:
-        (g,) = grads if len(grads) == 1 else (torch.stack(list(grads)).sum(0),)
-        g = upcast(g)
+    def prepare(self, module, captures, grads) -> dict[str, torch.Tensor]:
+        g = upcast(grads[0] if len(grads) == 1 else torch.stack(list(grads)).sum(0))
         out = {}
         if trainable(module, "cls_token"):
             out["cls_token"] = g[:, :1]
@@ -67,11 +68,8 @@ class VisionTransformerTokensHandler(LayerHandler):
             out["pos_embed"] = g[:, 1:] if module.no_embed_class else g
         return out
 
-    def sq_norms(self, module, captures, grads):
-        total = upcast(grads[0]).new_zeros(grads[0].shape[0])
-        for value in self._per_sample(module, grads).values():
-            total += value.reshape(value.shape[0], -1).pow(2).sum(dim=1)
-        return total
+    def sq_norms(self, module, prepared):
+        return sum(v.reshape(v.shape[0], -1).pow(2).sum(dim=1) for v in prepared.values())
 
-    def clipped_sums(self, module, captures, grads, clip):
-        return {name: torch.tensordot(clip, v, dims=1)[None] for name, v in self._per_sample(module, grads).items()}
+    def clipped_sums(self, module, prepared, clip):
+        return {name: torch.tensordot(clip, v, dims=1)[None] for name, v in prepared.items()}
