@@ -39,9 +39,12 @@ class ModelConfig:
     text_heads: int | None = None
     context_length: int | None = None
     bias: bool | None = None
+    # Parameters whose names start with one of these prefixes stay at their (public) initial values:
+    # no gradient, no noise, not in the per-sample norm. E.g. ["decoder.token_embedding", "decoder.head"].
+    freeze: list[str] = field(default_factory=list)
 
     def overrides(self) -> dict[str, Any]:
-        skip = {"size", "seed"}
+        skip = {"size", "seed", "freeze"}
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
@@ -64,6 +67,8 @@ class TrainConfig:
     checkpoint_every: int = 50  # logical steps; the last step is always checkpointed
     keep_checkpoints: int = 2
     log_every: int = 1
+    backend: Literal["ddp", "deepspeed"] = "ddp"  # multi-process engine: torch.distributed or DeepSpeed
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2 (train.backend=deepspeed only)
 
 
 @dataclass
@@ -110,6 +115,10 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
@@ -202,6 +211,10 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"{key} must be > 0, got {value}")
     if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0 or not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("train.lr must be > 0, train.warmup_steps and train.weight_decay ≥ 0, min_lr_ratio in [0, 1]")
+    if t.zero_stage not in (0, 1, 2):  # ZeRO-3 would partition the very weights the clipper reads
+        raise ConfigError(f"train.zero_stage must be 0, 1 or 2, got {t.zero_stage!r}")
+    if t.zero_stage and t.backend != "deepspeed":
+        raise ConfigError(f"train.zero_stage={t.zero_stage} needs train.backend=deepspeed")
     if p.sigma is None and p.epsilon is None:
         raise ConfigError("set privacy.sigma (0 = non-private) or privacy.epsilon (σ is then calibrated)")
     if p.sigma is not None and p.sigma < 0:

@@ -27,7 +27,7 @@ from dpcap.privacy.accountant import Ledger, calibrate_sigma, epsilon
 from dpcap.privacy.noise import secret_generator
 from dpcap.train.metrics import MetricWriter, plot_curves, truncate_metrics
 from dpcap.train.reduce import make_reducer
-from dpcap.train.state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from dpcap.train.state import TrainState, latest_checkpoint, load_checkpoint, optimizer_tensors, save_checkpoint
 from dpcap.train.step import logical_step
 from dpcap.train.world import World, detect_world, device_for, init_distributed
 
@@ -105,8 +105,16 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Ada
 
 
 def build_model(config: RunConfig):
+    """The captioner of `config.model`, with `model.freeze` prefixes frozen (checked to match something)."""
     m = config.model
-    return create_captioner(m.size, seed=m.seed, **m.overrides())
+    model = create_captioner(m.size, seed=m.seed, **m.overrides())
+    for prefix in m.freeze:
+        matched = [p for name, p in model.named_parameters() if name.startswith(prefix)]
+        if not matched:
+            raise ConfigError(f"model.freeze: no parameter name starts with {prefix!r}")
+        for param in matched:
+            param.requires_grad_(False)
+    return model
 
 
 class StopFlag:
@@ -167,6 +175,12 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if world.is_main:
         save_config(config, run_dir / "config.yaml")
+    if config.train.backend == "deepspeed":  # after the resume: ZeRO partitions the optimizer state it loaded
+        from dpcap.train.reduce_deepspeed import deepspeed_backend
+
+        reducer, optimizer = deepspeed_backend(
+            model, optimizer, world, zero_stage=config.train.zero_stage, micro_batch_size=config.train.micro_batch_size
+        )
 
     clipper = Clipper(model, plan.max_grad_norm) if plan.sigma > 0 else None
     sampler = PoissonSampler(plan.num_samples, plan.sample_rate, state.sampler_seed)
@@ -232,9 +246,11 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
                     record.pop("loss")
                 writer.write(record)
                 due = state.step % config.train.checkpoint_every == 0 or state.step == end or stop_requested
-                if due and world.is_main:
-                    state.ledger, state.privacy = ledger.state_dict(), plan.card(state.step, spent)
-                    save_checkpoint(run_dir, model, optimizer, state, keep=config.train.keep_checkpoints)
+                if due and (world.is_main or reducer.shards_optimizer_state):
+                    moments = optimizer_tensors(optimizer)  # under ZeRO: a gather every rank must join
+                    if world.is_main:
+                        state.ledger, state.privacy = ledger.state_dict(), plan.card(state.step, spent)
+                        save_checkpoint(run_dir, model, moments, state, keep=config.train.keep_checkpoints)
                 if stop_requested:
                     stopped_by = signal.Signals(stop.signal).name if stop.signal else "signal on another rank"
                     break
