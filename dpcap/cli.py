@@ -1,7 +1,8 @@
 """`dpcap <command>`: parse arguments, call the library, print. No logic lives here.
 
 With `--json` the last stdout line is one JSON object. Exit codes: 0 done; 2 the user can fix it
-(one `error: …` line on stderr, no traceback); 3 the privacy budget forbids the next step.
+(one `error: …` line on stderr, no traceback); 3 the privacy budget forbids the next step;
+4 a training run stopped by SIGTERM/SIGUSR1 at a step boundary, resumable (requeue it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dpcap.errors import ConfigError, DpcapError
+from dpcap.errors import EXIT_STOPPED, ConfigError, DpcapError
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, sort_keys=False))
     else:
         _print_human(result)
+    if args.command == "train" and result.get("stopped_by") and not result.get("done"):
+        return EXIT_STOPPED
     return 0
 
 

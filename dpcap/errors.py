@@ -4,6 +4,10 @@
 ``error: …`` message; anything else is a bug and keeps its traceback.
 """
 
+# Exit code of a run stopped at a step boundary by SIGTERM/SIGUSR1 before its last step: resumable
+# (slurm templates requeue it), neither done (0) nor a user error (2) nor out of budget (3).
+EXIT_STOPPED = 4
+
 
 class DpcapError(Exception):
     """Something the user can fix: a bad config key, a missing shard, bad input (exit code 2)."""

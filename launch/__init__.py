@@ -1,0 +1,1 @@
+"""Launchers: torchrun / deepspeed / srun entry point, slurm templates, submitit."""
