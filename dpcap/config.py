@@ -8,6 +8,7 @@ into the run folder as `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from dpcap.errors import ConfigError
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass
@@ -125,6 +128,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "3e-3" (no dot) as a string
     if annotation in (int, float, str, bool) and (type(value) is annotation):
         return value
     raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
