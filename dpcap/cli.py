@@ -94,6 +94,25 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--out", default=None, help="write the report JSON here (and a confusion-matrix PNG)")
     _add_json(probe)
 
+    fewshot = commands.add_parser("fewshot", help="k-shot linear classification with a frozen encoder")
+    fewshot.add_argument("encoder", help="a run folder, or random:SIZE")
+    fewshot.add_argument("--train", required=True)
+    fewshot.add_argument("--test", required=True)
+    fewshot.add_argument("--label", default="group")
+    fewshot.add_argument("--pool", default="mean", choices=["mean", "cls"])
+    fewshot.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5, 10])
+    fewshot.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    fewshot.add_argument("--out", default=None)
+    _add_json(fewshot)
+
+    zeroshot = commands.add_parser("zeroshot", help="zero-shot classification by caption likelihood")
+    zeroshot.add_argument("run_dir")
+    zeroshot.add_argument("--data", required=True, help="labelled shard folder to classify")
+    zeroshot.add_argument("--label", default="subgroup")
+    zeroshot.add_argument("--template", default="an emoji of {}", help="prompt with {} for the class name")
+    zeroshot.add_argument("--out", default=None)
+    _add_json(zeroshot)
+
     demo = commands.add_parser("demo", help="the whole product on offline emoji data: data → DP train → export → probe")
     demo.add_argument("--config", default="configs/demo-cpu.yaml")
     demo.add_argument("--out", default="runs/demo")
@@ -192,6 +211,27 @@ def _cmd_probe(args: argparse.Namespace) -> dict:
     )
 
 
+def _cmd_fewshot(args: argparse.Namespace) -> dict:
+    from dpcap.pipeline import fewshot_encoder
+
+    return fewshot_encoder(
+        args.encoder,
+        train_dir=args.train,
+        test_dir=args.test,
+        label=args.label,
+        pool=args.pool,
+        shots=tuple(args.shots),
+        seeds=tuple(args.seeds),
+        out=args.out,
+    )
+
+
+def _cmd_zeroshot(args: argparse.Namespace) -> dict:
+    from dpcap.pipeline import zeroshot_encoder
+
+    return zeroshot_encoder(args.run_dir, data_dir=args.data, label=args.label, template=args.template, out=args.out)
+
+
 def _cmd_demo(args: argparse.Namespace) -> dict:
     from dpcap.pipeline import run_demo
 
@@ -205,6 +245,8 @@ COMMANDS = {
     "train": _cmd_train,
     "export": _cmd_export,
     "probe": _cmd_probe,
+    "fewshot": _cmd_fewshot,
+    "zeroshot": _cmd_zeroshot,
     "demo": _cmd_demo,
 }
 

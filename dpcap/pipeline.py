@@ -93,6 +93,47 @@ def probe_encoder(
     return report
 
 
+def fewshot_encoder(
+    encoder,
+    *,
+    train_dir: str,
+    test_dir: str,
+    label: str = "group",
+    pool: str = "mean",
+    shots=(1, 2, 5, 10),
+    seeds=(0, 1, 2),
+    out: str | None = None,
+) -> dict[str, Any]:
+    """k-shot logistic-regression accuracy (mean ± std over seeds) of a frozen encoder."""
+    from dpcap.eval.fewshot import few_shot
+
+    model = encoder_for_probe(encoder) if isinstance(encoder, str) else encoder
+    x_train, y_train = _features(model, train_dir, label, pool)
+    x_test, y_test = _features(model, test_dir, label, pool)
+    report = {"label": label, "pool": pool, **few_shot(x_train, y_train, x_test, y_test, shots=shots, seeds=seeds)}
+    if out:
+        _write_json(Path(out), report)
+    return report
+
+
+def zeroshot_encoder(
+    run_dir: str, *, data_dir: str, label: str = "subgroup", template: str = "an emoji of {}", out: str | None = None
+) -> dict[str, Any]:
+    """Zero-shot top-1 by caption likelihood: each class is scored by log p(template(label) | image)."""
+    from dpcap.eval.zeroshot import zero_shot_accuracy
+
+    if "{}" not in template:
+        raise ConfigError(f"--template must contain '{{}}' where the class name goes, got {template!r}")
+    model = encoder_for_probe(run_dir)
+    report = zero_shot_accuracy(model, data_dir, label_key=label, prompts_for=lambda name: [template.format(name)])
+    report = {"label": label, "template": template, **report}
+    if out:
+        _write_json(Path(out), report)
+    for bulky in ("predictions", "labels", "ids", "per_class_top1"):
+        report.pop(bulky, None)
+    return report
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -84,3 +84,33 @@ def test_module_entry_point_trains_and_prints_json(tiny_shards, tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["step"] == 1 and result["sampling"] == "poisson"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *train_overrides(tiny_shards, run, **{"train.steps": 2})]) == 0
+    return run
+
+
+def test_export_then_stock_timm_loads_it(capsys, tiny_run, tmp_path):
+    timm = pytest.importorskip("timm")
+    result = run_json(capsys, ["export", str(tiny_run), "--out", str(tmp_path / "export")])
+    assert result["steps"] == 2 and result["private"] is False  # insecure seeds in the fixture
+    encoder = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
+    assert sum(p.numel() for p in encoder.parameters()) > 0
+    assert "NOT PRIVATE" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
+
+
+def test_probe_fewshot_zeroshot_commands(capsys, tiny_run, tiny_shards, tmp_path):
+    data = ["--train", str(tiny_shards), "--test", str(tiny_shards), "--label", "colour"]
+    probe = run_json(capsys, ["probe", str(tiny_run), *data, "--out", str(tmp_path / "probe.json")])
+    assert 0 <= probe["top1"] <= 1 and probe["num_classes"] == 4
+    assert (tmp_path / "probe.json").is_file() and (tmp_path / "probe.png").stat().st_size > 0
+    few = run_json(capsys, ["fewshot", "random:nano", *data, "--shots", "1", "2", "--seeds", "0", "1"])
+    assert set(few["shots"]) == {"1", "2"} and 0 <= few["shots"]["2"]["mean"] <= 1
+    zero = run_json(
+        capsys,
+        ["zeroshot", str(tiny_run), "--data", str(tiny_shards), "--label", "colour", "--template", "a {} square"],
+    )
+    assert 0 <= zero["top1"] <= 1
