@@ -113,6 +113,21 @@ def _parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--out", default=None)
     _add_json(zeroshot)
 
+    audit = commands.add_parser(
+        "audit", help="insert canaries, train, measure leakage: AUC, exposure, empirical ε bound"
+    )
+    audit.add_argument("config", nargs="?", help="YAML config (see configs/audit-tiny.yaml)")
+    audit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. privacy.sigma=0")
+    audit.add_argument("--out", required=True, help="new or empty output folder")
+    audit.add_argument("--base", default=None, help="base training data (default: the config's data.shards)")
+    audit.add_argument("--canaries", type=int, default=128)
+    audit.add_argument("--candidates", type=int, default=256, help="secrets ranked per canary for exposure")
+    audit.add_argument("--secret-words", type=int, default=3)
+    audit.add_argument("--insert-prob", type=float, default=0.5)
+    audit.add_argument("--confidence", type=float, default=0.95)
+    audit.add_argument("--seed", type=int, default=None, help="canary seed (default: os.urandom)")
+    _add_json(audit)
+
     demo = commands.add_parser("demo", help="the whole product on offline emoji data: data → DP train → export → probe")
     demo.add_argument("--config", default="configs/demo-cpu.yaml")
     demo.add_argument("--out", default="runs/demo")
@@ -232,6 +247,26 @@ def _cmd_zeroshot(args: argparse.Namespace) -> dict:
     return zeroshot_encoder(args.run_dir, data_dir=args.data, label=args.label, template=args.template, out=args.out)
 
 
+def _cmd_audit(args: argparse.Namespace) -> dict:
+    from dpcap.eval.audit import run_audit
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path and "=" in config_path and not Path(config_path).exists():
+        config_path, overrides = None, [config_path, *overrides]
+    return run_audit(
+        config_path,
+        overrides,
+        out_dir=args.out,
+        canaries=args.canaries,
+        seed=args.seed,
+        base_source=args.base,
+        candidates=args.candidates,
+        secret_words=args.secret_words,
+        insert_prob=args.insert_prob,
+        confidence=args.confidence,
+    )
+
+
 def _cmd_demo(args: argparse.Namespace) -> dict:
     from dpcap.pipeline import run_demo
 
@@ -247,6 +282,7 @@ COMMANDS = {
     "probe": _cmd_probe,
     "fewshot": _cmd_fewshot,
     "zeroshot": _cmd_zeroshot,
+    "audit": _cmd_audit,
     "demo": _cmd_demo,
 }
 

@@ -27,6 +27,8 @@ _EXPORTS = {
     "PromptTrie": "zeroshot",
     "score_prompts": "zeroshot",
     "template_prompts": "zeroshot",
+    "run_audit": "audit",
+    "epsilon_lower_bound": "audit",
 }
 
 __all__ = sorted(_EXPORTS)
