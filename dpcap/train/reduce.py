@@ -20,6 +20,7 @@ class LocalReducer:
     """One process holds the whole logical batch: there is nothing to sum across ranks."""
 
     rank, world_size = 0, 1
+    shards_optimizer_state = False  # True where each rank holds only a partition of it (ZeRO-1/2)
 
     def finish(
         self, params, *, noise_std: float, generator: torch.Generator | None, expected_batch_size: float

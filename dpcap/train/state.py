@@ -87,9 +87,16 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, keep: int = 2
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | dict[str, torch.Tensor],
+    state: TrainState,
+    keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step_<state.step>` atomically, point LAST at it, prune older ones."""
+    """Write checkpoint `step_<state.step>` atomically, point LAST at it, prune older ones.
+
+    `optimizer` may be given as its `optimizer_tensors` already (gathered from ZeRO partitions).
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
@@ -98,7 +105,8 @@ def save_checkpoint(
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, tmp / "model.safetensors", metadata={"step": str(state.step)})
-    save_file(optimizer_tensors(optimizer), tmp / "optimizer.safetensors")
+    moments = optimizer if isinstance(optimizer, dict) else optimizer_tensors(optimizer)
+    save_file(moments, tmp / "optimizer.safetensors")
     _write_json(tmp / "state.json", state.to_json())
     if final.exists():
         shutil.rmtree(final)

@@ -62,6 +62,22 @@ def per_sample_losses(model, batch: Batch, device: torch.device, precision: str)
     return losses
 
 
+def _add_unclipped_sum(params: list[torch.nn.Parameter], losses: torch.Tensor) -> None:
+    """Add Σ_i ∇ℓ_i to `.grad` the way the clipper adds its clipped sum (σ = 0 baseline).
+
+    Written directly rather than by autograd's accumulation, so that no engine gradient hook (DeepSpeed
+    ZeRO-2 reduce-scatters from them) fires before `reducer.finish` has the whole local sum.
+    """
+    grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+    for p, grad in zip(params, grads):
+        if grad is None:
+            continue
+        if p.grad is None:
+            p.grad = grad
+        else:
+            p.grad.add_(grad)
+
+
 def logical_step(
     model: torch.nn.Module,
     batches: Iterable[Batch],
@@ -90,7 +106,7 @@ def logical_step(
             stats.norms.extend(norms.tolist())
             stats.clipped += int((norms > clipper.max_grad_norm).sum())
         else:
-            losses.sum().backward()
+            _add_unclipped_sum(params, losses)
         stats.batch_size += len(batch)
         stats.loss_sum += float(losses.detach().sum())
     for p in params:  # an empty logical batch still takes a (noise-only) step: invariant 1
