@@ -15,6 +15,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from dpcap.errors import PrivacyError
 
@@ -45,7 +46,8 @@ class Clipper:
             # Only a forward that will be differentiated needs its activations kept.
             if torch.is_grad_enabled() and output.requires_grad:
                 detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
-                self._captures[index].append(Capture(inputs=detached, output=output))
+                edge = get_gradient_edge(output)
+                self._captures[index].append(Capture(detached, edge, output.shape, output.dtype))
 
         return hook
 
@@ -78,13 +80,13 @@ class Clipper:
 
     def _clip_and_accumulate(self, losses: torch.Tensor) -> torch.Tensor:
         active = [i for i in range(len(self._layers)) if self._captures.get(i)]
-        outputs = [capture.output for i in active for capture in self._captures[i]]
+        outputs = [capture.output_edge for i in active for capture in self._captures[i]]
         grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
         per_layer, cursor = {}, 0
         for i in active:
             count = len(self._captures[i])
             per_layer[i] = [
-                g if g is not None else torch.zeros_like(c.output)
+                g if g is not None else losses.new_zeros(c.output_shape, dtype=c.output_dtype)
                 for g, c in zip(grads[cursor : cursor + count], self._captures[i])
             ]
             cursor += count

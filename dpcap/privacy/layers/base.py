@@ -25,10 +25,16 @@ from torch import nn
 
 @dataclass
 class Capture:
-    """One forward call of a tapped module: its input activation and its (graph-attached) output."""
+    """One forward call of a tapped module: its input activation and where its output sits in the graph.
+
+    Only the output's gradient edge is kept, not the tensor: holding e.g. the vocabulary head's
+    (B, T, V) logits would keep them alive through the whole backward, which autograd itself frees early.
+    """
 
     inputs: tuple
-    output: torch.Tensor
+    output_edge: object  # torch.autograd.graph.GradientEdge
+    output_shape: torch.Size
+    output_dtype: torch.dtype
 
 
 class LayerHandler:
