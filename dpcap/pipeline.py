@@ -18,11 +18,15 @@ from dpcap.config import RunConfig, load_config
 from dpcap.errors import ConfigError, DataError
 from dpcap.model import create_captioner
 from dpcap.train.loop import build_model
-from dpcap.train.state import TrainState, latest_checkpoint, load_checkpoint
+from dpcap.train.state import TrainState, latest_checkpoint, load_checkpoint, load_ema
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, TrainState, RunConfig]:
-    """The captioner of a run's LAST checkpoint, its train state and resolved config."""
+def load_run(run_dir: str | os.PathLike, *, ema: bool = False) -> tuple[torch.nn.Module, TrainState, RunConfig]:
+    """The captioner of a run's LAST checkpoint, its train state and resolved config.
+
+    `ema=True` loads the EMA of the weights (train.ema_decay) instead: post-processing of the DP
+    iterates, so it carries the same privacy card.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise DataError(f"{run_dir} is not a run folder (no config.yaml)")
@@ -32,14 +36,16 @@ def load_run(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, TrainState, R
         raise DataError(f"{run_dir} has no checkpoint yet (no LAST)")
     model = build_model(config)
     state = load_checkpoint(checkpoint, model)
+    if ema:
+        model.load_state_dict(load_ema(checkpoint), strict=True)
     return model.eval(), state, config
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Export the run's encoder (timm/transformers folder) with its privacy card."""
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = False) -> dict[str, Any]:
+    """Export the run's encoder (timm/transformers folder) with its privacy card (`use_ema`: its EMA weights)."""
     from dpcap.export import export_encoder
 
-    model, state, config = load_run(run_dir)
+    model, state, config = load_run(run_dir, ema=use_ema)
     card = dict(state.privacy)
     if config.privacy.insecure_noise_seed is not None or config.privacy.insecure_sampler_seed is not None:
         card["private"] = False
@@ -47,18 +53,22 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[s
     return {"out": str(out), "step": state.step, **card}
 
 
-def encoder_for_probe(spec: str) -> torch.nn.Module:
-    """`random:SIZE[:SEED]` (a randomly initialised captioner) or a run folder (its LAST checkpoint)."""
+def encoder_for_probe(spec: str, *, use_ema: bool = False) -> torch.nn.Module:
+    """`random:SIZE[:SEED]` (a randomly initialised captioner) or a run folder (its LAST checkpoint, or its EMA)."""
     if spec.startswith("random:"):
         _, size, *seed = spec.split(":")
         return create_captioner(size, seed=int(seed[0]) if seed else 0).eval()
-    return load_run(spec)[0]
+    return load_run(spec, ema=use_ema)[0]
 
 
-def _features(model, shard_dir: str, label: str, pool: str) -> tuple[torch.Tensor, list]:
-    from dpcap.eval.features import labelled_features
+def _features(model, data_dir: str, label: str, pool: str) -> tuple[torch.Tensor, list]:
+    """Features + labels of a shard folder (label = a metadata field) or an ImageFolder tree (label = folder)."""
+    from dpcap.eval.features import imagefolder_features, labelled_features
 
-    data = labelled_features(model, shard_dir, label_key=label, pool=pool, batch_size=256)
+    if (Path(data_dir) / "sizes.json").is_file():
+        data = labelled_features(model, data_dir, label_key=label, pool=pool, batch_size=256)
+    else:
+        data = imagefolder_features(model, data_dir, pool=pool)
     return data["features"], data["labels"]
 
 
@@ -71,11 +81,12 @@ def probe_encoder(
     label: str = "group",
     pool: str = "mean",
     out: str | None = None,
+    use_ema: bool = False,
 ) -> dict[str, Any]:
     """Linear probe (L-BFGS logistic regression, λ chosen on validation) of a frozen encoder."""
     from dpcap.eval.probe import confusion_matrix, linear_probe, save_confusion_png
 
-    model = encoder_for_probe(encoder) if isinstance(encoder, str) else encoder
+    model = encoder_for_probe(encoder, use_ema=use_ema) if isinstance(encoder, str) else encoder
     x_train, y_train = _features(model, train_dir, label, pool)
     x_test, y_test = _features(model, test_dir, label, pool)
     x_val, y_val = _features(model, val_dir, label, pool) if val_dir else (None, None)
@@ -141,7 +152,7 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = ()) -> dict[str, Any]:
+def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label: str = "subgroup") -> dict[str, Any]:
     """Emoji data → DP training → export → linear probes of DP, non-private and random-init encoders."""
     from dpcap.data.demo import build_emoji_dataset
     from dpcap.train.loop import train

@@ -114,3 +114,18 @@ def test_probe_fewshot_zeroshot_commands(capsys, tiny_run, tiny_shards, tmp_path
         ["zeroshot", str(tiny_run), "--data", str(tiny_shards), "--label", "colour", "--template", "a {} square"],
     )
     assert 0 <= zero["top1"] <= 1
+
+
+def test_probe_on_imagefolder_tree(capsys, tiny_run, tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for i, (name, colour) in enumerate([("red", (220, 30, 30)), ("blue", (30, 30, 220))] * 6):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (20, 20), tuple(max(0, c - 5 * i) for c in colour)).save(folder / f"{i}.png")
+    probe = run_json(
+        capsys, ["probe", str(tiny_run), "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test")]
+    )
+    assert probe["num_classes"] == 2 and probe["num_test"] == 12
+    assert probe["top1"] == 1.0  # two flat colours are linearly separable in any non-degenerate features

@@ -164,6 +164,28 @@ def labelled_features(
     return _unpack(tensors)
 
 
+def imagefolder_features(
+    model: nn.Module, root: str | os.PathLike, *, pool: str = "mean", batch_size: int = 256, device: str = "cpu"
+) -> dict[str, Any]:
+    """Features of an ImageFolder tree (``root/<class>/<image>``): labels are the class folder names.
+
+    Uses torchvision's ImageFolder with dpcap's own image transform (the model's size, mean, std).
+    """
+    from torchvision.datasets import ImageFolder
+
+    from dpcap.data.reader import image_transform
+
+    size, mean, std = _transform_args(model)
+    try:
+        dataset = ImageFolder(str(root), transform=image_transform(size, mean, std))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DataError(f"{root}: not an ImageFolder tree (class sub-folders of images): {err}") from None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    features = extract_features(model, (images for images, _ in loader), pool=pool, device=device)
+    labels = [dataset.classes[target] for _, target in dataset.samples]
+    return {"features": features, "labels": labels, "split": [""] * len(labels), "ids": torch.arange(len(labels))}
+
+
 def _transform_args(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     cfg = model.config
     return cfg.vision.image_size, tuple(cfg.image_mean), tuple(cfg.image_std)
