@@ -385,10 +385,11 @@ def save_confusion_png(cm: Any, path: str | os.PathLike, labels: Sequence[str] |
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
-    return _atomic_savefig(fig, Path(path))
+    return save_figure_atomically(fig, Path(path))
 
 
-def _atomic_savefig(fig: Any, path: Path) -> Path:
+def save_figure_atomically(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG under a temporary name, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
