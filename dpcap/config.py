@@ -26,6 +26,9 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 class DataConfig:
     shards: str = ""  # a folder written by `dpcap data build` (sizes.json + shard-*.tar + *.idx)
     num_workers: int = 0  # DataLoader workers prefetching micro-batches
+    # Public image-caption shards mixed into every step without clipping or noise (train.public_*);
+    # they must really be public: they are outside N and q and carry no guarantee.
+    public_shards: str | None = None
 
 
 @dataclass
@@ -45,9 +48,11 @@ class ModelConfig:
     # Parameters whose names start with one of these prefixes stay at their (public) initial values:
     # no gradient, no noise, not in the per-sample norm. E.g. ["decoder.token_embedding", "decoder.head"].
     freeze: list[str] = field(default_factory=list)
+    # Public warm start: a model.safetensors (e.g. a run trained on public data) loaded before DP training.
+    init_from: str | None = None
 
     def overrides(self) -> dict[str, Any]:
-        skip = {"size", "seed", "freeze"}
+        skip = {"size", "seed", "freeze", "init_from"}
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
@@ -72,6 +77,13 @@ class TrainConfig:
     log_every: int = 1
     backend: Literal["ddp", "deepspeed"] = "ddp"  # multi-process engine: torch.distributed or DeepSpeed
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2 (train.backend=deepspeed only)
+    # Tricks (De et al. 2022; Sander et al. 2023), all off by default. Each is post-processing of the DP
+    # update or internal to the per-example function, so none changes the privacy accounting.
+    ema_decay: float | None = None  # keep an EMA of the weights for evaluation (ema.safetensors)
+    augmentation_multiplicity: int = 1  # K: each example's loss is averaged over K augmented views before clipping
+    public_pull: float = 0.0  # λ: add λ·(θ − θ_public) to the update (needs model.init_from)
+    public_batch_size: int = 0  # public samples drawn per logical step (needs data.public_shards)
+    public_weight: float = 0.0  # w: update = (1 − w)·DP update + w·public mean gradient
 
 
 @dataclass
@@ -220,6 +232,7 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"train.zero_stage must be 0, 1 or 2, got {t.zero_stage!r}")
     if t.zero_stage and t.backend != "deepspeed":
         raise ConfigError(f"train.zero_stage={t.zero_stage} needs train.backend=deepspeed")
+    _validate_tricks(config)
     if p.sigma is None and p.epsilon is None:
         raise ConfigError("set privacy.sigma (0 = non-private) or privacy.epsilon (σ is then calibrated)")
     if p.sigma is not None and p.sigma < 0:
@@ -230,6 +243,23 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"privacy.delta must be in (0, 1), got {p.delta}")
     if not config.data.shards:
         raise ConfigError("data.shards is required (a folder written by `dpcap data build`)")
+
+
+def _validate_tricks(config: RunConfig) -> None:
+    t = config.train
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
+    if t.augmentation_multiplicity < 1:
+        raise ConfigError(f"train.augmentation_multiplicity must be ≥ 1, got {t.augmentation_multiplicity}")
+    if t.public_pull < 0 or t.public_batch_size < 0 or not 0 <= t.public_weight <= 1:
+        raise ConfigError("train.public_pull and train.public_batch_size must be ≥ 0, train.public_weight in [0, 1]")
+    if t.public_pull > 0 and not config.model.init_from:
+        raise ConfigError("train.public_pull > 0 needs model.init_from (the public weights to pull toward)")
+    public = bool(config.data.public_shards)
+    if public != (t.public_batch_size > 0) or (t.public_weight > 0 and not public):
+        raise ConfigError("data.public_shards, train.public_batch_size > 0 and train.public_weight go together")
+    if t.backend == "deepspeed" and (public or t.public_pull > 0):
+        raise ConfigError("public mixing / train.public_pull are not supported with train.backend=deepspeed")
 
 
 def save_config(config: RunConfig, path: Path) -> None:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dpcap.config import RunConfig, save_config, to_dict
@@ -27,8 +28,16 @@ from dpcap.privacy.accountant import Ledger, calibrate_sigma, epsilon
 from dpcap.privacy.noise import secret_generator
 from dpcap.train.metrics import MetricWriter, plot_curves, truncate_metrics
 from dpcap.train.reduce import make_reducer
-from dpcap.train.state import TrainState, latest_checkpoint, load_checkpoint, optimizer_tensors, save_checkpoint
+from dpcap.train.state import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    load_ema,
+    optimizer_tensors,
+    save_checkpoint,
+)
 from dpcap.train.step import logical_step
+from dpcap.train.tricks import EMA, augmentation_seed, load_public_weights
 from dpcap.train.world import World, detect_world, device_for, init_distributed
 
 # Relative slack on the ε budget: calibrate_sigma is exact to 1e-3 in σ, not in ε.
@@ -159,6 +168,7 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
     plan = plan_privacy(config, len(index))
 
     model = build_model(config).to(device)
+    anchors = _public_warm_start(config, model)
     optimizer = make_optimizer(model, config)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
@@ -173,6 +183,9 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
         state, ledger = TrainState(step=0, sampler_seed=reducer.broadcast_int(seed), ledger={}), Ledger()
         if world.is_main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    ema = None
+    if config.train.ema_decay is not None:  # e_0 = θ_0, or the EMA saved with the checkpoint
+        ema = EMA(model, config.train.ema_decay, load_ema(checkpoint) if checkpoint is not None else None)
     if world.is_main:
         save_config(config, run_dir / "config.yaml")
     if config.train.backend == "deepspeed":  # after the resume: ZeRO partitions the optimizer state it loaded
@@ -188,9 +201,9 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
     tokenizer = get_tokenizer(
         config.model.size, **({"context_length": config.model.context_length} if config.model.context_length else {})
     )
-    reader = SampleReader(
-        config.data.shards, image_transform(model.image_size, cfg.image_mean, cfg.image_std), tokenizer
-    )
+    transform = image_transform(model.image_size, cfg.image_mean, cfg.image_std)
+    reader = SampleReader(config.data.shards, transform, tokenizer)
+    public_reader = SampleReader(config.data.public_shards, transform, tokenizer) if config.data.public_shards else None
     writer = MetricWriter(
         run_dir,
         total_steps=config.train.steps,
@@ -229,7 +242,15 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
                     expected_batch_size=plan.num_samples * plan.sample_rate,
                     device=device,
                     precision=config.train.precision,
+                    augmentation_multiplicity=config.train.augmentation_multiplicity,
+                    augment_generator=_augment_generator(config, state.sampler_seed, step, world.rank),
+                    public_batch=_public_batch(public_reader, step, config.train.public_batch_size),
+                    public_weight=config.train.public_weight,
+                    anchors=anchors,
+                    public_pull=config.train.public_pull,
                 )
+                if ema is not None:
+                    ema.update(model)
                 ledger.record(plan.sigma, plan.sample_rate)
                 state.step = step + 1
                 stats.reduce(reducer)
@@ -250,7 +271,14 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
                     moments = optimizer_tensors(optimizer)  # under ZeRO: a gather every rank must join
                     if world.is_main:
                         state.ledger, state.privacy = ledger.state_dict(), plan.card(state.step, spent)
-                        save_checkpoint(run_dir, model, moments, state, keep=config.train.keep_checkpoints)
+                        save_checkpoint(
+                            run_dir,
+                            model,
+                            moments,
+                            state,
+                            keep=config.train.keep_checkpoints,
+                            ema=ema.state_dict() if ema is not None else None,
+                        )
                 if stop_requested:
                     stopped_by = signal.Signals(stop.signal).name if stop.signal else "signal on another rank"
                     break
@@ -266,6 +294,32 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
         "stopped_by": stopped_by,
         **plan.card(state.step, spent),
     }
+
+
+def _public_warm_start(config: RunConfig, model: torch.nn.Module) -> list[torch.Tensor] | None:
+    """Load `model.init_from` (public weights) into `model`; return them per trainable parameter, or None.
+
+    A resumed run then overwrites the weights with its checkpoint; the anchors still serve `train.public_pull`.
+    """
+    if not config.model.init_from:
+        return None
+    public = load_public_weights(config.model.init_from, model)
+    model.load_state_dict(public, strict=True)
+    return [public[name].to(p.device, p.dtype) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _augment_generator(config: RunConfig, sampler_seed: int, step: int, rank: int) -> torch.Generator | None:
+    """Augmentation randomness, internal to the per-example function: derived from the secret sampler seed."""
+    if config.train.augmentation_multiplicity == 1:
+        return None
+    return torch.Generator().manual_seed(augmentation_seed(sampler_seed, step, rank))
+
+
+def _public_batch(reader: SampleReader | None, step: int, size: int):
+    """A deterministic public batch: ids step·P … step·P + P − 1 modulo the public set size (no sampling)."""
+    if reader is None:
+        return None
+    return reader.read((step * size + np.arange(size)) % len(reader))
 
 
 def _guard_budget(ledger: Ledger, plan: PrivacyPlan) -> None:

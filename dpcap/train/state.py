@@ -3,6 +3,7 @@
 Layout (an interface, DESIGN §4)::
 
     RUN_DIR/checkpoints/step_00000100/{model.safetensors, optimizer.safetensors, state.json}
+    RUN_DIR/checkpoints/step_00000100/ema.safetensors  # only with train.ema_decay: EMA of the weights
     RUN_DIR/LAST                      # "step_00000100": the newest complete checkpoint
 
 A checkpoint folder is written under a temporary name and renamed when complete, then LAST is
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from dpcap.errors import DataError
 
 LAST = "LAST"
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass
@@ -92,10 +94,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | dict[str, torch.Tensor],
     state: TrainState,
     keep: int = 2,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `step_<state.step>` atomically, point LAST at it, prune older ones.
 
-    `optimizer` may be given as its `optimizer_tensors` already (gathered from ZeRO partitions).
+    `optimizer` may be given as its `optimizer_tensors` already (gathered from ZeRO partitions). `ema`
+    (the EMA of the weights, same keys as the model) goes to `ema.safetensors` next to `model.safetensors`.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -107,6 +111,8 @@ def save_checkpoint(
     save_file(weights, tmp / "model.safetensors", metadata={"step": str(state.step)})
     moments = optimizer if isinstance(optimizer, dict) else optimizer_tensors(optimizer)
     save_file(moments, tmp / "optimizer.safetensors")
+    if ema is not None:
+        save_file(ema, tmp / EMA_FILE, metadata={"step": str(state.step)})
     _write_json(tmp / "state.json", state.to_json())
     if final.exists():
         shutil.rmtree(final)
@@ -136,6 +142,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not (folder / "state.json").is_file():
         raise DataError(f"{pointer} points to {folder}, which is not a complete checkpoint")
     return folder
+
+
+def load_ema(folder: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights saved with a checkpoint (DataError if the run did not keep them)."""
+    path = Path(folder) / EMA_FILE
+    if not path.is_file():
+        raise DataError(f"{folder} has no {EMA_FILE} (the run was trained without train.ema_decay)")
+    return load_file(path)
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainState:

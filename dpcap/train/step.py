@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from dpcap.data.reader import Batch
 from dpcap.privacy import Clipper
 from dpcap.train.metrics import NonFiniteLossError
+from dpcap.train.tricks import mix_public_, pull_toward_, random_resized_flip
 
 
 @dataclass
@@ -62,6 +63,36 @@ def per_sample_losses(model, batch: Batch, device: torch.device, precision: str)
     return losses
 
 
+def example_losses(
+    model, batch: Batch, device: torch.device, precision: str, *, multiplicity: int = 1, generator=None
+) -> torch.Tensor:
+    """ℓ_i, or with K = multiplicity > 1 the mean (1/K) Σ_k ℓ(aug_k(x_i), t_i) (De et al. 2022).
+
+    The K views go through K separate forward calls of batch b (not one of K·b): the clipper's hooks
+    keep every call and combine them per sample, so the clipped quantity is ∇ of example i's mean loss.
+    """
+    if multiplicity == 1:
+        return per_sample_losses(model, batch, device, precision)
+    views = [
+        per_sample_losses(model, replace(batch, images=random_resized_flip(batch.images, generator)), device, precision)
+        for _ in range(multiplicity)
+    ]
+    return torch.stack(views).mean(dim=0)
+
+
+def public_mean_gradient(
+    model, params: list[torch.nn.Parameter], batch: Batch, device: torch.device, precision: str, clipper
+) -> list[torch.Tensor]:
+    """(1/|P|) Σ_{j∈P} ∇ℓ_j over a public batch P: no clipping, no noise, not written to `.grad`."""
+    try:
+        losses = per_sample_losses(model, batch, device, precision)
+        grads = torch.autograd.grad(losses.sum() / len(batch), params, allow_unused=True)
+    finally:
+        if clipper is not None:
+            clipper.clear()  # its hooks kept the public forward's activations: drop them
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
 def _add_unclipped_sum(params: list[torch.nn.Parameter], losses: torch.Tensor) -> None:
     """Add Σ_i ∇ℓ_i to `.grad` the way the clipper adds its clipped sum (σ = 0 baseline).
 
@@ -90,8 +121,19 @@ def logical_step(
     expected_batch_size: float,
     device: torch.device,
     precision: str = "fp32",
+    augmentation_multiplicity: int = 1,
+    augment_generator: torch.Generator | None = None,
+    public_batch: Batch | None = None,
+    public_weight: float = 0.0,
+    anchors: list[torch.Tensor] | None = None,
+    public_pull: float = 0.0,
 ) -> StepStats:
-    """Run one logical step over `batches`; `clipper=None` (σ = 0) is the non-private baseline."""
+    """Run one logical step over `batches`; `clipper=None` (σ = 0) is the non-private baseline.
+
+    Optional tricks (dpcap.train.tricks): K augmented views per example averaged before clipping; after
+    the noisy DP update is formed, mixing with a public batch's mean gradient (weight w) and a pull
+    λ·(θ − θ_public) toward the public `anchors` — post-processing that leaves the accounting unchanged.
+    """
     stats = StepStats()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
@@ -100,7 +142,9 @@ def logical_step(
         stats.skipped.update(batch.skipped)
         if len(batch) == 0:
             continue
-        losses = per_sample_losses(model, batch, device, precision)
+        losses = example_losses(
+            model, batch, device, precision, multiplicity=augmentation_multiplicity, generator=augment_generator
+        )
         if clipper is not None:
             norms = clipper.backward(losses)
             stats.norms.extend(norms.tolist())
@@ -113,5 +157,11 @@ def logical_step(
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     reducer.finish(params, noise_std=noise_std, generator=generator, expected_batch_size=expected_batch_size)
+    if public_batch is not None and len(public_batch):
+        mix_public_(
+            params, public_mean_gradient(model, params, public_batch, device, precision, clipper), public_weight
+        )
+    if anchors is not None and public_pull > 0:
+        pull_toward_(params, anchors, public_pull)
     optimizer.step()
     return stats

@@ -26,7 +26,16 @@ class LearnedPositionsHandler(LayerHandler):
         return {"weight"}
 
     def prepare(self, module, captures, grads) -> list[torch.Tensor]:
-        return [upcast(g) for g in grads] if trainable(module, "weight") else []
+        if not trainable(module, "weight"):
+            return []
+        grads = [upcast(g) for g in grads]
+        if len(grads) == 1:
+            return grads
+        # Several forward calls (e.g. K augmented views) share P: ∇_P ℓ_i = Σ_c g_{c,i}, summed before the norm.
+        summed = grads[0].new_zeros((grads[0].shape[0], max(g.shape[1] for g in grads), *grads[0].shape[2:]))
+        for g in grads:
+            summed[:, : g.shape[1]] += g
+        return [summed]
 
     def sq_norms(self, module, prepared):
         return sum(g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in prepared)
