@@ -178,6 +178,7 @@ def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label
             train_dir=str(data_dir / "train"),
             val_dir=str(data_dir / "val"),
             test_dir=str(data_dir / "test"),
+            label=label,
             out=str(out / "probe" / f"{name}.json"),
         )
     report = {
