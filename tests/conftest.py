@@ -10,18 +10,9 @@ import pytest
 from PIL import Image
 
 # A captioner small enough to train a few steps in about a second on 2 CPU cores.
-TINY_MODEL = [
-    "model.size=nano",
-    "model.image_size=16",
-    "model.patch_size=8",
-    "model.vision_width=32",
-    "model.vision_layers=1",
-    "model.vision_heads=2",
-    "model.text_width=32",
-    "model.text_layers=1",
-    "model.text_heads=2",
-    "model.context_length=12",
-]
+TINY_CAPTIONER = dict(image_size=16, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2)
+TINY_CAPTIONER |= dict(text_width=32, text_layers=1, text_heads=2, context_length=12)
+TINY_MODEL = ["model.size=nano"] + [f"model.{key}={value}" for key, value in TINY_CAPTIONER.items()]
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 SHAPES = ("square", "stripe")
@@ -76,5 +67,9 @@ def train_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
         "log.wandb": "disabled",
         "log.progress": False,
     }
-    base.update(extra)
-    return TINY_MODEL + [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+    return tiny_run_overrides({**base, **extra})
+
+
+def tiny_run_overrides(settings: dict) -> list[str]:
+    """The tiny captioner's model keys plus `settings` as key=value strings (None → null)."""
+    return TINY_MODEL + [f"{k}={'null' if v is None else v}" for k, v in settings.items()]

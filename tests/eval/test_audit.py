@@ -35,10 +35,7 @@ from dpcap.eval.audit import (
     run_audit,
 )
 from dpcap.model import create_captioner
-from tests.conftest import TINY_MODEL, write_caption_folder
-
-TINY = dict(image_size=16, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2)
-TINY |= dict(text_width=32, text_layers=1, text_heads=2, context_length=12)
+from tests.conftest import TINY_CAPTIONER, tiny_run_overrides, write_caption_folder
 
 # ---------------------------------------------------------------- Clopper–Pearson and the ε lower bound
 
@@ -247,7 +244,7 @@ def test_exposure_is_log2_candidates_for_a_memorised_secret_and_zero_for_ties(tm
 
 
 def test_membership_scores_are_minus_per_sample_loss_in_any_chunking(tmp_path: Path) -> None:
-    model = create_captioner("nano", seed=0, **TINY).eval()
+    model = create_captioner("nano", seed=0, **TINY_CAPTIONER).eval()
     tok = CaptionTokenizer(12)
     gens = np.random.SeedSequence(3).spawn(2)
     canaries = make_canaries(
@@ -295,8 +292,7 @@ def _audit_overrides(**extra: object) -> list[str]:
         "log.wandb": "disabled",
         "log.progress": False,
     }
-    base.update(extra)
-    return TINY_MODEL + [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+    return tiny_run_overrides({**base, **extra})
 
 
 def _audit(tmp_path: Path, **extra: object) -> dict:

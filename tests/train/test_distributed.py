@@ -15,7 +15,7 @@ from dpcap.privacy.noise import secret_generator
 from dpcap.train.loop import train
 from dpcap.train.reduce import DataParallelReducer
 from dpcap.train.world import World, first_slurm_host, init_distributed, shutdown_distributed
-from tests.conftest import train_overrides
+from tests.conftest import TINY_CAPTIONER, train_overrides
 
 
 def free_port() -> int:
@@ -55,19 +55,7 @@ def load_file_init(tmp_path):
     """The initial head weight, to show training moved the parameters at all."""
     from dpcap.model import create_captioner
 
-    model = create_captioner(
-        "nano",
-        seed=0,
-        image_size=16,
-        patch_size=8,
-        vision_width=32,
-        vision_layers=1,
-        vision_heads=2,
-        text_width=32,
-        text_layers=1,
-        text_heads=2,
-        context_length=12,
-    )
+    model = create_captioner("nano", seed=0, **TINY_CAPTIONER)
     return model.decoder.head.weight.detach()
 
 
