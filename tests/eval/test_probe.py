@@ -56,7 +56,7 @@ def test_matches_sklearn(spread: float) -> None:
     x, y = blobs(2500, 64, 10, spread, seed=1)
     xtr, ytr, xte, yte = x[:2000], y[:2000], x[2000:], y[2000:]
     l2 = 1e-3
-    head = fit_logistic_regression(torch.as_tensor(xtr), ytr, l2=l2, num_classes=10)
+    head = fit_logistic_regression(torch.as_tensor(xtr), ytr, l2=l2, num_classes=10, tolerance_grad=1e-9)
     clf, mean, std = sklearn_fit(xtr, ytr, l2)
     ours = (head.predict(torch.as_tensor(xte)).numpy() == yte).mean()
     ref = clf.score((xte - mean) / std, yte)
@@ -81,11 +81,71 @@ def test_objective_not_worse_than_sklearn() -> None:
 
 def test_deterministic() -> None:
     x, y = blobs(300, 8, 3, 1.5, seed=4)
-    a = fit_logistic_regression(torch.as_tensor(x), y, l2=1e-3)
-    b = fit_logistic_regression(torch.as_tensor(x), y, l2=1e-3)
+    a = fit_logistic_regression(torch.as_tensor(x), y, l2=1e-3, tolerance_grad=1e-9)
+    b = fit_logistic_regression(torch.as_tensor(x), y, l2=1e-3, tolerance_grad=1e-9)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
-    warm = fit_logistic_regression(torch.as_tensor(x), y, l2=1e-3, init=fit_logistic_regression(x, y, l2=1.0))
+    start = fit_logistic_regression(x, y, l2=1.0)
+    warm = fit_logistic_regression(torch.as_tensor(x), y, l2=1e-3, init=start, tolerance_grad=1e-9)
     torch.testing.assert_close(warm.weight, a.weight, atol=1e-5, rtol=0)  # same convex minimiser
+    single = fit_logistic_regression(torch.as_tensor(x), y, l2=1e-3, tolerance_grad=1e-9, mixed_precision=False)
+    torch.testing.assert_close(single.weight, a.weight, atol=1e-5, rtol=0)
+
+
+def autograd_gradient_max(head, x: np.ndarray, y: np.ndarray, l2: float) -> float:
+    """max |∂J| by autograd through `logistic_objective`: independent of the fitter's closed form."""
+    weight = head.weight.double().clone().requires_grad_(True)
+    bias = head.bias.double().clone().requires_grad_(True)
+    trial = type(head)(weight, bias, head.mean.double(), head.std.double())
+    logistic_objective(trial, torch.as_tensor(x), torch.as_tensor(y), l2).backward()
+    return float(torch.cat([weight.grad.flatten(), bias.grad]).abs().max())
+
+
+@pytest.mark.parametrize("tolerance", [1e-6, 1e-8], ids=["default", "beyond-float32"])
+def test_stopping_rule_holds_in_float64(tolerance: float) -> None:
+    x, y = blobs(1500, 32, 12, 2.0, seed=9)
+    float32_only = fit_logistic_regression(
+        torch.as_tensor(x), y, l2=1e-3, tolerance_grad=tolerance, dtype=torch.float32
+    )
+    assert autograd_gradient_max(float32_only, x, y, 1e-3) > 1e-8  # float32 alone stalls short of 1e-8...
+    head = fit_logistic_regression(torch.as_tensor(x), y, l2=1e-3, tolerance_grad=tolerance)
+    assert head.weight.dtype == torch.float64
+    assert autograd_gradient_max(head, x, y, 1e-3) <= tolerance  # ...so the float64 phase must finish the solve
+
+
+def test_default_tolerance_matches_sklearn_accuracy_and_objective() -> None:
+    x, y = blobs(3000, 48, 20, 2.5, seed=10)
+    xtr, ytr, xte, yte = x[:2400], y[:2400], x[2400:], y[2400:]
+    l2 = 1e-3
+    head = fit_logistic_regression(torch.as_tensor(xtr), ytr, l2=l2)  # defaults: tol 1e-6, mixed precision
+    clf, mean, std = sklearn_fit(xtr, ytr, l2)  # sklearn at tol 1e-10: the reference optimum
+    ref_head = type(head)(torch.as_tensor(clf.coef_), torch.as_tensor(clf.intercept_), head.mean, head.std)
+    ours = float(logistic_objective(head, torch.as_tensor(xtr), torch.as_tensor(ytr), l2))
+    best = float(logistic_objective(ref_head, torch.as_tensor(xtr), torch.as_tensor(ytr), l2))
+    # Strong convexity (modulus λ): J − J* ≤ ‖∇J‖² / (2λ) ≤ (#params · tol²) / (2λ).
+    assert best - 1e-12 <= ours <= best + (head.weight.numel() + head.bias.numel()) * 1e-12 / (2 * l2)
+    acc = (head.predict(torch.as_tensor(xte)).numpy() == yte).mean()
+    assert abs(acc - clf.score((xte - mean) / std, yte)) <= 0.005
+    assert 0.2 < acc < 0.95
+
+
+def test_closed_form_gradient_over_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dpcap.eval.probe as probe
+
+    x, y = blobs(257, 6, 5, 1.0, seed=11)
+    mean, std = standardisation(torch.as_tensor(x))
+    monkeypatch.setattr(probe, "_CHUNK_ELEMENTS", 40)  # 40 // max(6, 5) = 6 rows: 43 chunks, last one short
+    objective = probe._SoftmaxObjective(torch.as_tensor(x), torch.as_tensor(y), mean, std, l2=0.1, num_classes=5)
+    assert objective.rows == 6
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64)
+    loss, grad_w, grad_b = objective(weight, bias)
+    w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    ref = logistic_objective(probe.LinearHead(w, b, mean, std), torch.as_tensor(x), torch.as_tensor(y), 0.1)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_w, w.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_b, b.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_l2_selection_prefers_more_regularisation_on_tiny_noisy_data() -> None:
