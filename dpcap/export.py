@@ -238,7 +238,7 @@ def model_card(cfg: Any, metadata: Mapping[str, str], model_args: Mapping[str, A
         _front_matter(license),
         f"# dpcap image encoder ({cfg.name})\n",
         _banner(metadata) if not private else "",
-        _description(cfg, private),
+        _description(cfg, private, metadata),
         _usage(cfg),
         _card_table(metadata),
         _guarantee(metadata, private),
@@ -260,13 +260,15 @@ def _banner(metadata: Mapping[str, str]) -> str:
     )
 
 
-def _description(cfg: Any, private: bool) -> str:
+def _description(cfg: Any, private: bool, metadata: Mapping[str, str]) -> str:
     v = cfg.vision
     how = "with differentially private SGD (DP-Cap: per-sample clipping, Gaussian noise)" if private else "by SGD"
+    start = "warm-started from public weights" if metadata.get("init_from") else "trained from scratch"
+    weights = " These are the exponential moving average of the weights." if metadata.get("weights") == "ema" else ""
     return (
         f"A Vision Transformer image encoder (timm `VisionTransformer`: {v.layers} layers, width {v.width}, "
         f"{v.heads} heads, {v.patch_size}×{v.patch_size} patches, {v.image_size}×{v.image_size} px input) "
-        f"trained from scratch as the image tower of an image-captioning model {how}. The text decoder "
+        f"{start}, as the image tower of an image-captioning model {how}.{weights} The text decoder "
         "is not included. Features: the mean of the final-normed patch tokens (CLS excluded), which is "
         "timm's pooled output here.\n"
     )
@@ -316,5 +318,20 @@ def _guarantee(metadata: Mapping[str, str], private: bool) -> str:
         f"noise multiplier {metadata['sigma']}, clipping norm {metadata['max_grad_norm']}, {metadata['steps']} "
         f"steps, {metadata['accountant']} accountant). **Only the weights carry the guarantee**: training "
         "logs, loss curves, gradient-norm statistics and any hyper-parameter search run on the same data "
-        "carry none.\n"
+        "carry none.\n" + _public_note(metadata)
+    )
+
+
+def _public_note(metadata: Mapping[str, str]) -> str:
+    """Public inputs are outside the guarantee: say which ones shaped these weights."""
+    used = [f"public weights `{metadata['init_from']}` (warm start)"] if metadata.get("init_from") else []
+    if metadata.get("public_data"):
+        used.append(
+            f"public image–caption data `{metadata['public_data']}` (gradients mixed in without clipping or noise)"
+        )
+    if not used:
+        return ""
+    return (
+        "\nThe weights also depend on " + " and ".join(used) + ". The guarantee is about the private training "
+        "set only; it says nothing about the public data, which is treated as already public.\n"
     )

@@ -104,6 +104,19 @@ def test_privacy_card_round_trips(exported: Path) -> None:
     assert "Only the weights carry the guarantee" in text
     assert "| epsilon | 7.347123456789 |" in text and "| sampling | poisson |" in text
     assert 'timm.create_model("local-dir:' in text and "AutoModel.from_pretrained" in text
+    assert "trained from scratch" in text and "public" not in text
+
+
+def test_card_names_public_inputs_outside_the_guarantee(captioner: Captioner, tmp_path: Path) -> None:
+    recipe = {"init_from": "pub/init.safetensors", "public_data": "pub/shards", "public_weight": 0.2}
+    out = export_encoder(captioner, tmp_path / "enc", privacy_card={**CARD, **recipe})
+    card = read_privacy_card(out)
+    assert card["private"] == "true" and card["public_data"] == "pub/shards" and card["public_weight"] == "0.2"
+    text = (out / "MODEL_CARD.md").read_text()
+    assert "warm-started from public weights" in text and "trained from scratch" not in text
+    guarantee = text.split("## What this guarantee covers")[1]
+    assert "`pub/init.safetensors`" in guarantee and "`pub/shards`" in guarantee
+    assert "private training set only" in guarantee
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ class PrivacyPlan:
     accountant: str
     epsilon_budget: float  # inf for the non-private baseline
     insecure: bool  # a fixed noise or sampler seed: the run carries no guarantee
+    recipe: dict = field(default_factory=dict)  # what else shaped the weights (see training_recipe)
 
     @property
     def private(self) -> bool:
@@ -74,7 +75,29 @@ class PrivacyPlan:
             "sampling": "poisson",
             "epsilon_budget": self.epsilon_budget if math.isfinite(self.epsilon_budget) else None,
             "private": self.private,
+            **self.recipe,
         }
+
+
+def training_recipe(config: RunConfig) -> dict:
+    """The switches beside (σ, q, T, C) that shaped the weights, for the privacy card.
+
+    None of them changes ε (public data and public weights are not accounted for; EMA and K views
+    are post-processing / per-example functions), but a reader of the card must know that the
+    weights also depend on public data (``public_data``, ``init_from``): the guarantee covers the
+    private training set only.
+    """
+    t, m, d = config.train, config.model, config.data
+    return {
+        "augmentation_multiplicity": t.augmentation_multiplicity,
+        "ema_decay": t.ema_decay,
+        "init_from": m.init_from,
+        "public_pull": t.public_pull,
+        "public_data": d.public_shards,
+        "public_batch_size": t.public_batch_size,
+        "public_weight": t.public_weight,
+        "frozen_parameters": ",".join(m.freeze),
+    }
 
 
 def plan_privacy(config: RunConfig, num_samples: int) -> PrivacyPlan:
@@ -92,7 +115,9 @@ def plan_privacy(config: RunConfig, num_samples: int) -> PrivacyPlan:
     else:
         budget = epsilon(sigma, q, t.steps, delta, accountant=p.accountant) if sigma > 0 else math.inf
     insecure = p.insecure_noise_seed is not None or p.insecure_sampler_seed is not None
-    return PrivacyPlan(num_samples, q, sigma, delta, p.max_grad_norm, p.accountant, budget, insecure)
+    return PrivacyPlan(
+        num_samples, q, sigma, delta, p.max_grad_norm, p.accountant, budget, insecure, training_recipe(config)
+    )
 
 
 def lr_at(step: int, config: RunConfig) -> float:

@@ -230,5 +230,8 @@ def test_public_mixing_weight_zero_is_dp_only_and_never_changes_the_ledger(tiny_
     ledgers = [_last_state(tmp_path / name)["ledger"] for name in ("dp", "w0", "w5")]
     assert ledgers[0] == ledgers[1] == ledgers[2]
     assert dp["epsilon"] == zero["epsilon"] == half["epsilon"] and dp["num_samples"] == half["num_samples"] == 48
+    # The card discloses the public data (outside the guarantee); the DP-only run's card has none.
+    assert half["public_data"] == str(tiny_shards) and half["public_weight"] == 0.5 and dp["public_data"] is None
+    assert _last_state(tmp_path / "w5")["privacy"]["public_data"] == str(tiny_shards)
     with pytest.raises(ConfigError, match="public"):
         _config(tiny_shards, tmp_path / "x", **{"train.public_weight": 0.5})
