@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a run's encoder for timm / transformers with its privacy card")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
+    export.add_argument(
+        "--ema", action="store_true", help="use the run's EMA weights (train.ema_decay) instead of its last weights"
+    )
     _add_json(export)
 
     probe = commands.add_parser("probe", help="linear probe of a frozen encoder on labelled shard folders")
@@ -92,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--label", default="group", help="metadata field holding the class")
     probe.add_argument("--pool", default="mean", choices=["mean", "cls"])
     probe.add_argument("--out", default=None, help="write the report JSON here (and a confusion-matrix PNG)")
+    probe.add_argument(
+        "--ema", action="store_true", help="use the run's EMA weights (train.ema_decay) instead of its last weights"
+    )
     _add_json(probe)
 
     fewshot = commands.add_parser("fewshot", help="k-shot linear classification with a frozen encoder")
@@ -103,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     fewshot.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5, 10])
     fewshot.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     fewshot.add_argument("--out", default=None)
+    fewshot.add_argument(
+        "--ema", action="store_true", help="use the run's EMA weights (train.ema_decay) instead of its last weights"
+    )
     _add_json(fewshot)
 
     zeroshot = commands.add_parser("zeroshot", help="zero-shot classification by caption likelihood")
@@ -111,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--label", default="subgroup")
     zeroshot.add_argument("--template", default="an emoji of {}", help="prompt with {} for the class name")
     zeroshot.add_argument("--out", default=None)
+    zeroshot.add_argument(
+        "--ema", action="store_true", help="use the run's EMA weights (train.ema_decay) instead of its last weights"
+    )
     _add_json(zeroshot)
 
     audit = commands.add_parser(
@@ -209,7 +221,7 @@ def _cmd_train(args: argparse.Namespace) -> dict:
 def _cmd_export(args: argparse.Namespace) -> dict:
     from dpcap.pipeline import export_run
 
-    return export_run(args.run_dir, args.out)
+    return export_run(args.run_dir, args.out, use_ema=args.ema)
 
 
 def _cmd_probe(args: argparse.Namespace) -> dict:
@@ -223,6 +235,7 @@ def _cmd_probe(args: argparse.Namespace) -> dict:
         label=args.label,
         pool=args.pool,
         out=args.out,
+        use_ema=args.ema,
     )
 
 
@@ -238,13 +251,16 @@ def _cmd_fewshot(args: argparse.Namespace) -> dict:
         shots=tuple(args.shots),
         seeds=tuple(args.seeds),
         out=args.out,
+        use_ema=args.ema,
     )
 
 
 def _cmd_zeroshot(args: argparse.Namespace) -> dict:
     from dpcap.pipeline import zeroshot_encoder
 
-    return zeroshot_encoder(args.run_dir, data_dir=args.data, label=args.label, template=args.template, out=args.out)
+    return zeroshot_encoder(
+        args.run_dir, data_dir=args.data, label=args.label, template=args.template, out=args.out, use_ema=args.ema
+    )
 
 
 def _cmd_audit(args: argparse.Namespace) -> dict:

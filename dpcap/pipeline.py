@@ -46,7 +46,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, use_em
     from dpcap.export import export_encoder
 
     model, state, config = load_run(run_dir, ema=use_ema)
-    card = dict(state.privacy)
+    card = dict(state.privacy) | {"weights": "ema" if use_ema else "last"}
     if config.privacy.insecure_noise_seed is not None or config.privacy.insecure_sampler_seed is not None:
         card["private"] = False
     out = export_encoder(model, out_dir, privacy_card=card)
@@ -56,6 +56,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, use_em
 def encoder_for_probe(spec: str, *, use_ema: bool = False) -> torch.nn.Module:
     """`random:SIZE[:SEED]` (a randomly initialised captioner) or a run folder (its LAST checkpoint, or its EMA)."""
     if spec.startswith("random:"):
+        if use_ema:
+            raise ConfigError(f"{spec} is a random initialisation: it has no EMA weights (drop --ema)")
         _, size, *seed = spec.split(":")
         return create_captioner(size, seed=int(seed[0]) if seed else 0).eval()
     return load_run(spec, ema=use_ema)[0]
@@ -114,11 +116,12 @@ def fewshot_encoder(
     shots=(1, 2, 5, 10),
     seeds=(0, 1, 2),
     out: str | None = None,
+    use_ema: bool = False,
 ) -> dict[str, Any]:
     """k-shot logistic-regression accuracy (mean ± std over seeds) of a frozen encoder."""
     from dpcap.eval.fewshot import few_shot
 
-    model = encoder_for_probe(encoder) if isinstance(encoder, str) else encoder
+    model = encoder_for_probe(encoder, use_ema=use_ema) if isinstance(encoder, str) else encoder
     x_train, y_train = _features(model, train_dir, label, pool)
     x_test, y_test = _features(model, test_dir, label, pool)
     report = {"label": label, "pool": pool, **few_shot(x_train, y_train, x_test, y_test, shots=shots, seeds=seeds)}
@@ -128,14 +131,20 @@ def fewshot_encoder(
 
 
 def zeroshot_encoder(
-    run_dir: str, *, data_dir: str, label: str = "subgroup", template: str = "an emoji of {}", out: str | None = None
+    run_dir: str,
+    *,
+    data_dir: str,
+    label: str = "subgroup",
+    template: str = "an emoji of {}",
+    out: str | None = None,
+    use_ema: bool = False,
 ) -> dict[str, Any]:
     """Zero-shot top-1 by caption likelihood: each class is scored by log p(template(label) | image)."""
     from dpcap.eval.zeroshot import zero_shot_accuracy
 
     if "{}" not in template:
         raise ConfigError(f"--template must contain '{{}}' where the class name goes, got {template!r}")
-    model = encoder_for_probe(run_dir)
+    model = encoder_for_probe(run_dir, use_ema=use_ema)
     report = zero_shot_accuracy(model, data_dir, label_key=label, prompts_for=lambda name: [template.format(name)])
     report = {"label": label, "template": template, **report}
     if out:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dpcap.cli import main
 from dpcap.privacy.accountant import calibrate_sigma, epsilon
@@ -89,7 +90,7 @@ def test_module_entry_point_trains_and_prints_json(tiny_shards, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", *train_overrides(tiny_shards, run, **{"train.steps": 2})]) == 0
+    assert main(["train", *train_overrides(tiny_shards, run, **{"train.steps": 2, "train.ema_decay": 0.5})]) == 0
     return run
 
 
@@ -100,6 +101,27 @@ def test_export_then_stock_timm_loads_it(capsys, tiny_run, tmp_path):
     encoder = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
     assert sum(p.numel() for p in encoder.parameters()) > 0
     assert "NOT PRIVATE" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    # The card says which weights and which recipe: last weights here, EMA with --ema.
+    assert result["weights"] == "last" and result["ema_decay"] == 0.5 and result["augmentation_multiplicity"] == 1
+    assert result["init_from"] is None and result["public_data"] is None
+
+
+def test_export_ema_weights(capsys, tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from dpcap.export import read_privacy_card
+    from dpcap.pipeline import load_run
+
+    result = run_json(capsys, ["export", str(tiny_run), "--out", str(tmp_path / "ema"), "--ema"])
+    assert result["weights"] == "ema"
+    card = read_privacy_card(tmp_path / "ema")
+    assert card["weights"] == "ema" and card["ema_decay"] == "0.5"
+    assert "moving average" in (tmp_path / "ema" / "MODEL_CARD.md").read_text()
+    exported = load_file(tmp_path / "ema" / "model.safetensors")
+    ema_encoder = load_run(tiny_run, ema=True)[0].encoder.state_dict()
+    last_encoder = load_run(tiny_run)[0].encoder.state_dict()
+    key = "patch_embed.proj.weight"
+    assert torch.equal(exported[key], ema_encoder[key]) and not torch.equal(exported[key], last_encoder[key])
 
 
 def test_probe_fewshot_zeroshot_commands(capsys, tiny_run, tiny_shards, tmp_path):
@@ -114,6 +136,10 @@ def test_probe_fewshot_zeroshot_commands(capsys, tiny_run, tiny_shards, tmp_path
         ["zeroshot", str(tiny_run), "--data", str(tiny_shards), "--label", "colour", "--template", "a {} square"],
     )
     assert 0 <= zero["top1"] <= 1
+    ema = run_json(capsys, ["probe", str(tiny_run), *data, "--ema"])
+    assert ema["num_classes"] == 4 and 0 <= ema["top1"] <= 1
+    assert main(["probe", "random:nano", *data, "--ema"]) == 2  # a random init has no EMA
+    assert "no EMA" in capsys.readouterr().err
 
 
 def test_probe_on_imagefolder_tree(capsys, tiny_run, tmp_path):
