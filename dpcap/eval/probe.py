@@ -120,7 +120,8 @@ def fit_logistic_regression(
 
     Minimises (1/n) Σ_i CE(W z_i + b, y_i) + (λ/2)‖W‖²_F, z = standardised x (train mean/std stored
     in the head), from W = 0, b = 0, until max |∂J| ≤ ``tolerance_grad`` (sklearn's ``tol``), the
-    loss stops changing at the precision of the arithmetic, or ``max_iter`` L-BFGS iterations.
+    loss stops changing at the precision of the arithmetic, or ``max_iter`` L-BFGS iterations (both
+    phases together; the float64 phase always gets at least ``max_iter // 10``).
     ``y_train`` holds int class ids in [0, num_classes). The head is returned in ``dtype`` (float32
     or float64) on the device of ``x_train``; with ``mixed_precision`` and float64, the iterations
     run in float32 first and float64 only verifies (and, where float32 stalled short of the
@@ -146,12 +147,16 @@ def fit_logistic_regression(
     mean, std = standardisation(x.to(torch.float64))
     objective = _SoftmaxObjective(x, y, mean, std, l2=l2, num_classes=k)
     weight, bias = _initial_parameters(init, k, x.shape[1], dtype, x.device)
+    budget = max_iter
     if mixed_precision and dtype == torch.float64:
-        weight, bias = _run_lbfgs(
+        weight, bias, used = _run_lbfgs(
             objective, weight.float(), bias.float(), max_iter=max_iter, tolerance_grad=tolerance_grad
         )
         weight, bias = weight.to(dtype), bias.to(dtype)
-    weight, bias = _run_lbfgs(objective, weight, bias, max_iter=max_iter, tolerance_grad=tolerance_grad)
+        # One budget for both phases, so mixed precision never costs more iterations than float64
+        # alone; the float64 phase always gets a tenth of it to verify and polish.
+        budget = max(max_iter - used, max(1, max_iter // 10))
+    weight, bias, _ = _run_lbfgs(objective, weight, bias, max_iter=budget, tolerance_grad=tolerance_grad)
     return LinearHead(weight, bias, mean.to(dtype), std.to(dtype))
 
 
@@ -207,7 +212,8 @@ def _run_lbfgs(
     *,
     max_iter: int,
     tolerance_grad: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """L-BFGS from (weight, bias); returns the result and the number of iterations it took."""
     weight, bias = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
         [weight, bias],
@@ -225,7 +231,7 @@ def _run_lbfgs(
         return loss
 
     optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    return weight.detach(), bias.detach(), int(optimizer.state[weight].get("n_iter", 0))
 
 
 def accuracy(head: LinearHead, x: torch.Tensor, y: Any) -> float:
