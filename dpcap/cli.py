@@ -21,6 +21,12 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
 
 
+def _add_ema(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ema", action="store_true", help="use the run's EMA weights (train.ema_decay) instead of its last weights"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpcap", description="Differentially private image-captioning pre-training.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,9 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a run's encoder for timm / transformers with its privacy card")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
-    export.add_argument(
-        "--ema", action="store_true", help="use the run's EMA weights (train.ema_decay) instead of its last weights"
-    )
+    _add_ema(export)
     _add_json(export)
 
     probe = commands.add_parser("probe", help="linear probe of a frozen encoder on labelled shard folders")
@@ -95,9 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--label", default="group", help="metadata field holding the class")
     probe.add_argument("--pool", default="mean", choices=["mean", "cls"])
     probe.add_argument("--out", default=None, help="write the report JSON here (and a confusion-matrix PNG)")
-    probe.add_argument(
-        "--ema", action="store_true", help="use the run's EMA weights (train.ema_decay) instead of its last weights"
-    )
+    _add_ema(probe)
     _add_json(probe)
 
     fewshot = commands.add_parser("fewshot", help="k-shot linear classification with a frozen encoder")
@@ -109,9 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     fewshot.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5, 10])
     fewshot.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     fewshot.add_argument("--out", default=None)
-    fewshot.add_argument(
-        "--ema", action="store_true", help="use the run's EMA weights (train.ema_decay) instead of its last weights"
-    )
+    _add_ema(fewshot)
     _add_json(fewshot)
 
     zeroshot = commands.add_parser("zeroshot", help="zero-shot classification by caption likelihood")
@@ -120,9 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--label", default="subgroup")
     zeroshot.add_argument("--template", default="an emoji of {}", help="prompt with {} for the class name")
     zeroshot.add_argument("--out", default=None)
-    zeroshot.add_argument(
-        "--ema", action="store_true", help="use the run's EMA weights (train.ema_decay) instead of its last weights"
-    )
+    _add_ema(zeroshot)
     _add_json(zeroshot)
 
     audit = commands.add_parser(
