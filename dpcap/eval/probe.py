@@ -183,10 +183,8 @@ class _SoftmaxObjective:
     ):
         self.x, self.y, self.mean, self.std, self.l2 = x, y, mean, std, l2
         self.rows = max(1, _CHUNK_ELEMENTS // max(x.shape[1], num_classes))
-        self.evaluations = 0
 
     def __call__(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self.evaluations += 1
         n = self.x.shape[0]
         mean, std = self.mean.to(weight.dtype), self.std.to(weight.dtype)
         loss = torch.zeros((), dtype=torch.float64, device=weight.device)
