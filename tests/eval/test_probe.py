@@ -227,3 +227,23 @@ def test_confusion_matrix_against_loop(tmp_path: Path) -> None:
     out = save_confusion_png(cm, tmp_path / "sub" / "cm.png", labels=list("abcde"))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [f.name for f in out.parent.iterdir()] == ["cm.png"]  # no temporary left behind
+
+
+def test_float32_and_float64_phases_share_one_iteration_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dpcap.eval.probe as probe
+
+    calls = []
+    run_lbfgs = probe._run_lbfgs
+
+    def recording(objective, weight, bias, *, max_iter, tolerance_grad):
+        result = run_lbfgs(objective, weight, bias, max_iter=max_iter, tolerance_grad=tolerance_grad)
+        calls.append((weight.dtype, max_iter, result[2]))
+        return result
+
+    monkeypatch.setattr(probe, "_run_lbfgs", recording)
+    x, y = blobs(400, 16, 6, 0.3, seed=12)  # separable, λ tiny: far from 1e-12 after 30 iterations
+    fit_logistic_regression(torch.as_tensor(x), y, l2=1e-8, max_iter=30, tolerance_grad=1e-12)
+    (dtype32, budget32, used32), (dtype64, budget64, used64) = calls
+    assert (dtype32, dtype64) == (torch.float32, torch.float64)
+    assert budget32 == 30 and 20 <= used32 <= 30  # the float32 phase spent most of the budget...
+    assert budget64 == max(30 - used32, 3) and used64 <= budget64  # ...float64 gets the rest, at least a tenth
