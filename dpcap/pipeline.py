@@ -53,8 +53,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, use_em
     return {"out": str(out), "step": state.step, **card}
 
 
-def encoder_for_probe(spec: str, *, use_ema: bool = False) -> torch.nn.Module:
-    """`random:SIZE[:SEED]` (a randomly initialised captioner) or a run folder (its LAST checkpoint, or its EMA)."""
+def encoder_for_probe(spec: str | torch.nn.Module, *, use_ema: bool = False) -> torch.nn.Module:
+    """`random:SIZE[:SEED]` (a randomly initialised captioner), a run folder (its LAST checkpoint, or
+    its EMA), or a model already built (returned as it is)."""
+    if isinstance(spec, torch.nn.Module):
+        return spec
     if spec.startswith("random:"):
         if use_ema:
             raise ConfigError(f"{spec} is a random initialisation: it has no EMA weights (drop --ema)")
@@ -88,7 +91,7 @@ def probe_encoder(
     """Linear probe (L-BFGS logistic regression, λ chosen on validation) of a frozen encoder."""
     from dpcap.eval.probe import confusion_matrix, linear_probe, save_confusion_png
 
-    model = encoder_for_probe(encoder, use_ema=use_ema) if isinstance(encoder, str) else encoder
+    model = encoder_for_probe(encoder, use_ema=use_ema)
     x_train, y_train = _features(model, train_dir, label, pool)
     x_test, y_test = _features(model, test_dir, label, pool)
     x_val, y_val = _features(model, val_dir, label, pool) if val_dir else (None, None)
@@ -121,7 +124,7 @@ def fewshot_encoder(
     """k-shot logistic-regression accuracy (mean ± std over seeds) of a frozen encoder."""
     from dpcap.eval.fewshot import few_shot
 
-    model = encoder_for_probe(encoder, use_ema=use_ema) if isinstance(encoder, str) else encoder
+    model = encoder_for_probe(encoder, use_ema=use_ema)
     x_train, y_train = _features(model, train_dir, label, pool)
     x_test, y_test = _features(model, test_dir, label, pool)
     report = {"label": label, "pool": pool, **few_shot(x_train, y_train, x_test, y_test, shots=shots, seeds=seeds)}
