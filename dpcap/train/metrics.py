@@ -65,7 +65,11 @@ class MetricWriter:
             self._wandb_run.log(record, step=record["step"])
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", eps=f"{record.get('epsilon', 0):.2f}")
+            # epsilon is None for a non-private run (σ = 0) and loss is absent after an empty batch.
+            self._bar.set_postfix(
+                loss=_format(record.get("loss"), ".3f", missing="n/a"),
+                eps=_format(record.get("epsilon"), ".2f", missing="∞"),
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -74,11 +78,25 @@ class MetricWriter:
             self._wandb_run.finish()
 
 
+def _format(value: Any, spec: str, *, missing: str) -> str:
+    """`value` in format `spec`; `missing` for None, and plain str() for anything `spec` does not fit."""
+    if value is None:
+        return missing
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def _wandb_id(run_dir: Path) -> str:
     """A stable id per run folder, so a resumed run continues the same wandb run."""
     import hashlib
 
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -106,9 +124,10 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
 
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot(steps, [r["loss"] for r in records])
+    # A step with an empty batch has no loss and a non-private run no ε: plotted as gaps (NaN).
+    ax_loss.plot(steps, [_number(r.get("loss")) for r in records])
     ax_loss.set(xlabel="logical step", ylabel="train loss (not private)", title="loss")
-    ax_eps.plot(steps, [r["epsilon"] for r in records], color="tab:red")
+    ax_eps.plot(steps, [_number(r.get("epsilon")) for r in records], color="tab:red")
     ax_eps.set(xlabel="logical step", ylabel="ε spent", title="privacy")
     fig.tight_layout()
     tmp = Path(out_png).with_suffix(".tmp.png")
