@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch
 from dpcap.cli import main
 from dpcap.privacy.accountant import calibrate_sigma, epsilon
 from tests.conftest import train_overrides, write_caption_folder
+
+DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml")
 
 
 def run_json(capsys, argv: list[str]) -> dict:
@@ -62,6 +65,65 @@ def test_user_errors_exit_2_with_one_line(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def one_error_line(capsys) -> str:
+    """The single `error: …` line a user error prints on stderr (no traceback)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_failed_train_start_leaves_no_run_folder(capsys, tmp_path):
+    run = tmp_path / "runs" / "run"
+    assert main(["train", DEMO_CONFIG, "data.shards=/nonexistent", f"run_dir={run}"]) == 2
+    assert "/nonexistent" in one_error_line(capsys)
+    assert not run.exists() and not run.parent.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"train.batch_size": 1000}, "exceeds the data set size"),  # plan_privacy, after the data checks
+        (
+            {"data.public_shards": "/nonexistent", "train.public_batch_size": 4, "train.public_weight": 0.5},
+            "/nonexistent/sizes.json",
+        ),
+    ],
+)
+def test_failed_train_start_after_the_data_checks_leaves_no_run_folder(capsys, tiny_shards, tmp_path, extra, message):
+    run = tmp_path / "run"
+    assert main(["train", *train_overrides(tiny_shards, run, **extra)]) == 2
+    assert message in one_error_line(capsys)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "shards, form",
+    [
+        ("shards/00000.tar", "a tar file"),
+        ("shards/{00000..00009}.tar", "a brace pattern"),
+        ("http://example.com/shards/{00000..00009}.tar", "a URL"),
+        ("https://example.com/shards", "a URL"),
+        ("s3://bucket/shards", "a URL"),
+        ("pipe:curl -s https://example.com/00000.tar", "a pipe: command"),
+    ],
+)
+def test_webdataset_style_shards_exit_2_saying_what_is_accepted(capsys, tmp_path, shards, form):
+    run = tmp_path / "run"
+    assert main(["train", DEMO_CONFIG, f"data.shards={shards}", f"run_dir={run}"]) == 2
+    line = one_error_line(capsys)
+    assert shards in line and form in line and "a folder written by `dpcap data build` (sizes.json" in line
+    assert not run.exists()
+
+
+def test_an_existing_shard_tar_is_not_a_shard_folder(capsys, tiny_shards, tmp_path):
+    tar = tiny_shards / "shard-000000.tar"
+    assert main(["train", *train_overrides(tiny_shards, tmp_path / "run", **{"data.shards": tar})]) == 2
+    line = one_error_line(capsys)
+    assert "a tar file" in line and "a folder written by `dpcap data build`" in line
 
 
 def test_config_file_errors_name_the_file(capsys, tmp_path):

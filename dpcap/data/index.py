@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +23,13 @@ from dpcap.data.build import INDEX_COLUMNS, INDEX_DTYPE, SIZES_FILE, index_path
 from dpcap.errors import DataError
 
 ROW_BYTES = INDEX_DTYPE.itemsize * len(INDEX_COLUMNS)
+ACCEPTED = f"a folder written by `dpcap data build` ({SIZES_FILE} + its .tar shards and .idx files)"
+
+# Sources WebDataset would take but a ShardIndex cannot (it needs sizes.json and the .idx offsets of
+# local files): named precisely, so the user learns what to give instead of "sizes.json not found".
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_BRACE = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 class ShardGroup(NamedTuple):
@@ -41,6 +49,7 @@ class ShardIndex:
     """
 
     def __init__(self, shard_dir: str | os.PathLike, *, max_open: int = 1024) -> None:
+        _check_source(os.fspath(shard_dir))
         self.dir = Path(shard_dir)
         sizes = _read_sizes(self.dir / SIZES_FILE)
         self.names = sorted(sizes)
@@ -110,11 +119,30 @@ class ShardIndex:
         return ids
 
 
+def _check_source(source: str) -> None:
+    """DataError for a URL, a brace pattern or a tar file given where a shard folder belongs."""
+    if _URL.match(source):
+        form = "a URL"
+    elif source.startswith("pipe:"):
+        form = "a pipe: command"
+    elif _BRACE.search(source):
+        form = "a brace pattern"
+    elif source.lower().endswith(_TAR_SUFFIXES):
+        form = "a tar file"
+    else:
+        return
+    if (Path(source) / SIZES_FILE).is_file():  # a shard folder after all, whatever its name looks like
+        return
+    raise DataError(f"{source} is {form}, which dpcap cannot read as shards: give {ACCEPTED}")
+
+
 def _read_sizes(path: Path) -> dict[str, int]:
     try:
         sizes = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise DataError(f"{path} not found: not a shard folder (build one with `dpcap data build`)") from None
+    except NotADirectoryError:
+        raise DataError(f"{path.parent} is a file, not a shard folder: give {ACCEPTED}") from None
     except ValueError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(sizes, dict) or not sizes:

@@ -187,7 +187,6 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
     init_distributed(world)
     reducer = make_reducer(world)
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = device_for(world, config.train.device)
     index = ShardIndex(config.data.shards)
     plan = plan_privacy(config, len(index))
@@ -211,6 +210,16 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
     ema = None
     if config.train.ema_decay is not None:  # e_0 = θ_0, or the EMA saved with the checkpoint
         ema = EMA(model, config.train.ema_decay, load_ema(checkpoint) if checkpoint is not None else None)
+    cfg = model.config
+    tokenizer = get_tokenizer(
+        config.model.size, **({"context_length": config.model.context_length} if config.model.context_length else {})
+    )
+    transform = image_transform(model.image_size, cfg.image_mean, cfg.image_std)
+    reader = SampleReader(config.data.shards, transform, tokenizer)
+    public_reader = SampleReader(config.data.public_shards, transform, tokenizer) if config.data.public_shards else None
+    # Created only now, after the checks a user can fail (data, privacy plan, model, public data):
+    # a start that fails with exit 2 leaves no empty run folder behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         save_config(config, run_dir / "config.yaml")
     if config.train.backend == "deepspeed":  # after the resume: ZeRO partitions the optimizer state it loaded
@@ -222,13 +231,6 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
 
     clipper = Clipper(model, plan.max_grad_norm) if plan.sigma > 0 else None
     sampler = PoissonSampler(plan.num_samples, plan.sample_rate, state.sampler_seed)
-    cfg = model.config
-    tokenizer = get_tokenizer(
-        config.model.size, **({"context_length": config.model.context_length} if config.model.context_length else {})
-    )
-    transform = image_transform(model.image_size, cfg.image_mean, cfg.image_std)
-    reader = SampleReader(config.data.shards, transform, tokenizer)
-    public_reader = SampleReader(config.data.public_shards, transform, tokenizer) if config.data.public_shards else None
     writer = MetricWriter(
         run_dir,
         total_steps=config.train.steps,

@@ -74,6 +74,18 @@ def test_missing_files_are_named(shards: Path) -> None:
         ShardIndex(shards)
 
 
+def test_a_shard_folder_may_look_like_a_tar_or_a_pattern(shards: Path, tmp_path: Path) -> None:
+    for name in ("set.tar", "set-{a,b}"):
+        renamed = shards.rename(tmp_path / name)
+        assert len(ShardIndex(renamed)) == N_SAMPLES
+        shards = renamed
+
+
+def test_a_file_is_not_a_shard_folder(shards: Path) -> None:
+    with pytest.raises(DataError, match="is a file, not a shard folder: give a folder written by `dpcap data build`"):
+        ShardIndex(shards / "sizes.json")
+
+
 def test_inconsistent_sizes_are_rejected(shards: Path) -> None:
     sizes = json.loads((shards / "sizes.json").read_text())
     (shards / "sizes.json").write_text(json.dumps({**sizes, "shard-000000.tar": 5}))
