@@ -67,6 +67,17 @@ def test_user_errors_exit_2_with_one_line(capsys, argv, message):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
+def test_data_build_into_existing_shards_names_the_overwrite_flag(capsys, tmp_path):
+    manifest = write_caption_folder(tmp_path / "src", count=4)
+    argv = ["data", "build", str(manifest), "--out", str(tmp_path / "shards")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert "already holds shards" in line and "--overwrite" in line and "overwrite=True" not in line
+    assert run_json(capsys, [*argv, "--overwrite"])["written"] == 4
+
+
 def one_error_line(capsys) -> str:
     """The single `error: …` line a user error prints on stderr (no traceback)."""
     err = capsys.readouterr().err

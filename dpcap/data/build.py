@@ -342,7 +342,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     old = sorted(p for p in out.iterdir() if p.name == SIZES_FILE or p.name.startswith(SHARD_PREFIX))
     if old and not overwrite:
-        raise DataError(f"output folder {out} already holds shards (e.g. {old[0].name}); pass overwrite=True")
+        raise DataError(
+            f"output folder {out} already holds shards (e.g. {old[0].name}); pass --overwrite to replace them"
+        )
     leftovers = [p for p in out.iterdir() if p.name.startswith(f".{SHARD_PREFIX}") and p.name.endswith(".tmp")]
     for p in sorted(old, key=lambda p: p.name != SIZES_FILE) + leftovers:  # sizes.json first: no stale set
         p.unlink()

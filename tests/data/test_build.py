@@ -240,7 +240,7 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     src = make_folder_source(tmp_path / "src", bad=False)
     out = tmp_path / "out"
     assert build_shards(src, out, samples_per_shard=2)["shards"] == 4
-    with pytest.raises(DataError, match="already holds shards"):
+    with pytest.raises(DataError, match="already holds shards .*; pass --overwrite to replace them"):
         build_shards(src, out)
     (out / "notes.txt").write_text("kept")
     result = build_shards(src, out, overwrite=True)
