@@ -10,15 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from dpcap.errors import EXIT_STOPPED, ConfigError, DpcapError
 
+# Commands taking KEY=VALUE config overrides, which may come anywhere, also after options (see parse_args).
+OVERRIDE_COMMANDS = ("train", "audit", "demo")
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
-def _add_json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+
+def _add_json(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    # SUPPRESS below the top level: a sub-command's parser would otherwise reset a `--json` given
+    # before the command name to False, so `--json` works wherever it is placed.
+    parser.add_argument(
+        "--json", action="store_true", default=default, help="print one JSON object as the last stdout line"
+    )
 
 
 def _add_ema(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +38,12 @@ def _add_ema(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpcap", description="Differentially private image-captioning pre-training.")
+    _add_json(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    data = commands.add_parser("data", help="build and inspect shard folders").add_subparsers(
-        dest="data_command", required=True
-    )
+    data_parser = commands.add_parser("data", help="build and inspect shard folders")
+    _add_json(data_parser)
+    data = data_parser.add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="validate a folder or JSONL/CSV manifest of image+caption pairs into shards")
     build.add_argument("src", help="folder of images with same-stem .txt captions, or a .jsonl/.csv manifest")
     build.add_argument("--out", required=True, help="output shard folder")
@@ -54,9 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--overwrite", action="store_true")
     _add_json(demo_data)
 
-    privacy = commands.add_parser("privacy", help="privacy accounting").add_subparsers(
-        dest="privacy_command", required=True
-    )
+    privacy_parser = commands.add_parser("privacy", help="privacy accounting")
+    _add_json(privacy_parser)
+    privacy = privacy_parser.add_subparsers(dest="privacy_command", required=True)
     eps = privacy.add_parser("epsilon", help="ε of the Poisson-subsampled Gaussian mechanism")
     eps.add_argument("--sigma", type=float, required=True)
     sig = privacy.add_parser("sigma", help="the smallest σ whose ε does not exceed the target")
@@ -323,8 +333,29 @@ def _print_human(result: dict) -> None:
             print(f"{key}: {value}")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """`_parser().parse_args`, except that KEY=VALUE overrides may also follow options.
+
+    argparse fills a nargs="*" positional only from the tokens before the next option, so in
+    `dpcap audit CONFIG --out DIR privacy.sigma=0` the override comes back unrecognised. Such
+    leftovers join the command's overrides (in order); any other unknown token is the usual
+    argparse error (exit 2). `parse_intermixed_args` would do this, but refuses parsers with sub-commands.
+    """
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    late, unknown = [], []
+    for token in extras:
+        is_override = args.command in OVERRIDE_COMMANDS and _OVERRIDE.match(token)
+        (late if is_override else unknown).append(token)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         result = _jsonable(COMMANDS[args.command](args))
     except DpcapError as err:
