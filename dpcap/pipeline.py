@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import torch
 
 from dpcap.config import RunConfig, load_config
 from dpcap.errors import ConfigError, DataError
-from dpcap.model import create_captioner
+from dpcap.model import create_captioner, get_tokenizer
 from dpcap.train.loop import build_model
 from dpcap.train.state import TrainState, latest_checkpoint, load_checkpoint, load_ema
 
@@ -87,23 +90,67 @@ def probe_encoder(
     pool: str = "mean",
     out: str | None = None,
     use_ema: bool = False,
+    name: str | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Linear probe (L-BFGS logistic regression, λ chosen on validation) of a frozen encoder."""
-    from dpcap.eval.probe import confusion_matrix, linear_probe, save_confusion_png
+    """Linear probe (L-BFGS logistic regression, λ chosen on validation) of a frozen encoder.
+
+    With ``out`` the report JSON goes there and a confusion-matrix PNG next to it, titled with
+    ``name`` (default: the encoder spec, e.g. the run folder) and the test top-1. ``log`` receives
+    one line per split's features and one with the result; ``progress`` shows a bar over the λ fits.
+    """
+    from tqdm.auto import tqdm
+
+    from dpcap.eval.probe import DEFAULT_L2_GRID, confusion_matrix, linear_probe, save_confusion_png
 
     model = encoder_for_probe(encoder, use_ema=use_ema)
-    x_train, y_train = _features(model, train_dir, label, pool)
-    x_test, y_test = _features(model, test_dir, label, pool)
-    x_val, y_val = _features(model, val_dir, label, pool) if val_dir else (None, None)
-    report = linear_probe(x_train, y_train, x_test, y_test, x_val=x_val, y_val=y_val, return_predictions=bool(out))
+    name = name or (str(encoder) if isinstance(encoder, (str, os.PathLike)) else type(encoder).__name__)
+    features: dict[str, tuple[Any, Any]] = {"val": (None, None)}
+    for split, data_dir in (("train", train_dir), ("val", val_dir), ("test", test_dir)):
+        if data_dir is None:
+            continue
+        started = time.perf_counter()
+        features[split] = _features(model, data_dir, label, pool)
+        if log is not None:
+            x = features[split][0]
+            log(f"{name}: {split} features {x.shape[0]} × {x.shape[1]} ({time.perf_counter() - started:.1f} s)")
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = features["train"], features["val"], features["test"]
+    started = time.perf_counter()
+    bar = tqdm(
+        total=len(DEFAULT_L2_GRID) + 1,
+        desc=f"probe {name}",
+        unit="fit",
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not progress,
+    )
+
+    def on_fit(l2: float, val_top1: float | None) -> None:
+        bar.update(1)
+        bar.set_postfix(l2=f"{l2:.0e}", val="refit" if val_top1 is None else f"{val_top1:.3f}")
+
+    try:
+        report = linear_probe(
+            x_train, y_train, x_test, y_test, x_val=x_val, y_val=y_val, return_predictions=bool(out), on_fit=on_fit
+        )
+    finally:
+        bar.close()
     report = {"label": label, "pool": pool, **report}
+    if log is not None:
+        log(
+            f"{name}: test top-1 {report['top1']:.1%} (λ = {report['l2']:.0e}, val {report['val_top1']:.1%}; "
+            f"{len(report['per_l2']) + 1} fits in {time.perf_counter() - started:.1f} s)"
+        )
     if out:
         predictions = report.pop("predictions")
         classes = report["classes"]
         ids = {c: i for i, c in enumerate(classes)}
         known = [(ids[t], ids[p]) for t, p in zip(y_test, predictions) if t in ids]
         cm = confusion_matrix([t for t, _ in known], [p for _, p in known], len(classes))
-        save_confusion_png(cm, Path(out).with_suffix(".png"), [str(c) for c in classes])
+        title = f"{name}: linear probe top-1 {report['top1']:.1%} ({label}, {len(classes)} classes)"
+        save_confusion_png(cm, Path(out).with_suffix(".png"), [str(c) for c in classes], title=title)
         _write_json(Path(out), report)
     report.pop("per_l2", None)
     return report
@@ -164,37 +211,122 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+DEMO_ENCODERS = (("dp", "DP"), ("nonprivate", "non-private"), ("random_init", "random init"))
+"""The three encoders the demo probes, in report order: (report key, display name)."""
+
+DEMO_CAPTION_SAMPLES = 8
+"""Test images the demo captions (spread evenly over the test split's ids, so every run shows the same)."""
+
+
+class _Stages:
+    """Numbered stage messages on stderr ("[demo 2/8] DP training …", then its seconds) and their timings.
+
+    Messages go through ``tqdm.write`` so that they never tear a progress bar, and to stderr so that
+    stdout's last line stays the JSON object under ``--json``.
+    """
+
+    def __init__(self, total: int, prefix: str = "demo") -> None:
+        self.total, self.prefix = total, prefix
+        self.seconds: dict[str, float] = {}
+        self._index = 0
+
+    @contextmanager
+    def __call__(self, key: str, title: str) -> Iterator[None]:
+        self._index += 1
+        tag = f"[{self.prefix} {self._index}/{self.total}]"
+        self._write(f"{tag} {title} …")
+        started = time.perf_counter()
+        yield
+        self.seconds[key] = round(time.perf_counter() - started, 1)
+        self._write(f"{tag} {title}: {self.seconds[key]:.1f} s")
+
+    def note(self, text: str) -> None:
+        """An indented detail line of the current stage."""
+        self._write(f"    {text}")
+
+    @staticmethod
+    def _write(text: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+        sys.stderr.flush()
+
+
 def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label: str = "subgroup") -> dict[str, Any]:
-    """Emoji data → DP training → export → linear probes of DP, non-private and random-init encoders."""
+    """Emoji data → DP training → non-private training → export → linear probes of the DP, non-private and
+    random-init encoders → greedy captions of a few test images, with the figures (captions.png,
+    probe.png, probe/<encoder>.png) and report.json in ``out_dir``.
+
+    Each stage is announced on stderr with its seconds (also in the report's ``stage_seconds``).
+    """
     from dpcap.data.demo import build_emoji_dataset
+    from dpcap.eval.captions import caption_samples, save_captions_png
+    from dpcap.eval.probe import save_accuracy_bars_png
     from dpcap.train.loop import train
 
     out = Path(out_dir)
     started = time.perf_counter()
     base = load_config(config_path, [*overrides, "data.shards=_", "run_dir=_"])
+    stages = _Stages(total=4 + len(DEMO_ENCODERS) + 1)
     data_dir = out / "data"
-    if not (data_dir / "test" / "sizes.json").is_file():
-        build_emoji_dataset(data_dir, image_size=base.model.image_size or 64, overwrite=True)
+    with stages("data", "rendering the emoji data"):
+        if (data_dir / "test" / "sizes.json").is_file():
+            stages.note(f"already built in {data_dir}")
+        else:
+            built = build_emoji_dataset(data_dir, image_size=base.model.image_size or 64, overwrite=True)
+            stages.note(", ".join(f"{split} {built[split]['written']}" for split in ("train", "val", "test")))
     shared = [*overrides, f"data.shards={data_dir / 'train'}"]
-    dp = train(load_config(config_path, [*shared, f"run_dir={out / 'dp'}"]))
+    budget = f"ε = {base.privacy.epsilon:g}" if base.privacy.epsilon is not None else f"σ = {base.privacy.sigma}"
+    with stages("train_dp", f"DP training ({base.train.steps} steps, {budget})"):
+        dp = train(load_config(config_path, [*shared, f"run_dir={out / 'dp'}"]))
     if not dp["done"]:
         raise ConfigError(f"the DP run stopped early at step {dp['step']} ({dp['stopped_by']})")
     nonprivate_overrides = ["privacy.sigma=0", "privacy.epsilon=null"]
-    train(load_config(config_path, [*shared, *nonprivate_overrides, f"run_dir={out / 'nonprivate'}"]))
-    export = export_run(out / "dp", out / "export")
+    with stages("train_nonprivate", f"non-private training ({base.train.steps} steps, σ = 0)"):
+        train(load_config(config_path, [*shared, *nonprivate_overrides, f"run_dir={out / 'nonprivate'}"]))
+    with stages("export", "exporting the DP encoder"):
+        export = export_run(out / "dp", out / "export")
+    models = {"dp": load_run(out / "dp")[0], "nonprivate": load_run(out / "nonprivate")[0]}
+    models["random_init"] = build_model(base).eval()
     probes = {}
-    for name, encoder in (("dp", str(out / "dp")), ("nonprivate", str(out / "nonprivate")), ("random_init", None)):
-        model = encoder_for_probe(encoder) if encoder else build_model(base).eval()
-        probes[name] = probe_encoder(
-            model,
-            train_dir=str(data_dir / "train"),
-            val_dir=str(data_dir / "val"),
-            test_dir=str(data_dir / "test"),
-            label=label,
-            out=str(out / "probe" / f"{name}.json"),
+    for name, title in DEMO_ENCODERS:
+        with stages(f"probe_{name}", f"linear probe of the {title} encoder (features, then λ fits)"):
+            probes[name] = probe_encoder(
+                models[name],
+                train_dir=str(data_dir / "train"),
+                val_dir=str(data_dir / "val"),
+                test_dir=str(data_dir / "test"),
+                label=label,
+                out=str(out / "probe" / f"{name}.json"),
+                name=f"{title} encoder",
+                log=stages.note,
+                progress=base.log.progress,
+            )
+    epsilon = dp["epsilon"]
+    eps_text = f"ε = {epsilon:.2f}" if epsilon is not None and math.isfinite(epsilon) else "ε = ∞"
+    with stages("captions", f"greedy captions of {DEMO_CAPTION_SAMPLES} test images, and the figures"):
+        # The run's own tokenizer (its vocabulary and context length) turns the token rows into text.
+        tokenizer = get_tokenizer(base.model.size, **base.model.overrides())
+        samples = caption_samples(
+            {"dp": models["dp"], "nonprivate": models["nonprivate"]},
+            data_dir / "test",
+            count=DEMO_CAPTION_SAMPLES,
+            tokenizer=tokenizer,
+            image_key="codepoints",
+        )
+        captions_png = save_captions_png(
+            samples,
+            out / "captions.png",
+            labels={"dp": f"DP ({eps_text})", "nonprivate": "non-private"},
+            title=f"greedy captions of test images ({dp['steps']} steps each)",
+        )
+        probe_png = save_accuracy_bars_png(
+            {title: probes[name]["top1"] for name, title in DEMO_ENCODERS},
+            out / "probe.png",
+            title=f"linear probe on {label} ({probes['dp']['num_classes']} classes); DP encoder at {eps_text}",
         )
     report = {
-        "epsilon": dp["epsilon"],
+        "epsilon": epsilon,
         "delta": dp["delta"],
         "sigma": dp["sigma"],
         "steps": dp["steps"],
@@ -203,7 +335,14 @@ def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label
         "probe": {name: probes[name]["top1"] for name in ("dp", "random_init", "nonprivate")},
         "probe_label": probes["dp"]["label"],
         "num_classes": probes["dp"]["num_classes"],
+        "captions": [sample.to_json() for sample in samples],
+        "figures": {
+            "captions": str(captions_png),
+            "probe": str(probe_png),
+            "confusion": {name: str(out / "probe" / f"{name}.png") for name, _ in DEMO_ENCODERS},
+        },
         "export": export["out"],
+        "stage_seconds": stages.seconds,
         "seconds": round(time.perf_counter() - started, 1),
         "note": "only the weights carry the DP guarantee; logged losses and probe numbers are for the operator",
     }
@@ -212,7 +351,32 @@ def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label
     return report
 
 
+_STAGE_NAMES = {
+    "data": "data",
+    "train_dp": "DP training",
+    "train_nonprivate": "non-private training",
+    "export": "export",
+    "probe_dp": "probe DP",
+    "probe_nonprivate": "probe non-private",
+    "probe_random_init": "probe random",
+    "captions": "captions",
+}
+
+_PRINTED_CAPTIONS = 4
+"""Samples the printed report shows (all of them are in report.json and captions.png)."""
+
+
+def _short(text: Any, width: int = 72) -> str:
+    """``text`` on one line of at most ``width`` characters (an untrained captioner rambles)."""
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def format_report(report: dict) -> str:
+    """The short human-readable table `dpcap demo` prints: ε, the probe results, a few captions, timings.
+
+    Keys added after the first reports (captions, figures, stage_seconds) are shown when present.
+    """
     eps = report["epsilon"]
     lines = [
         f"DP-Cap demo: ε = {eps:.2f} (δ = {report['delta']:.2g}, σ = {report['sigma']:.3f}, {report['steps']} steps, "
@@ -223,4 +387,18 @@ def format_report(report: dict) -> str:
     ]
     for name, label in (("dp", "DP encoder"), ("nonprivate", "non-private encoder"), ("random_init", "random init")):
         lines.append(f"  {label:<22} {100 * report['probe'][name]:6.2f}%")
+    captions = report.get("captions") or []
+    if captions:
+        lines.append(f"greedy captions of test images ({min(len(captions), _PRINTED_CAPTIONS)} of {len(captions)}):")
+        for sample in captions[:_PRINTED_CAPTIONS]:
+            image = str(sample.get("image", ""))
+            for key, label in (("true", "true"), ("dp", "DP"), ("nonprivate", "non-private")):
+                lines.append(f"  {image if key == 'true' else '':<{len(image)}}  {label:<11} {_short(sample.get(key))}")
+    figures = report.get("figures") or {}
+    if figures:
+        lines.append(f"figures: {', '.join(str(figures[k]) for k in ('probe', 'captions') if k in figures)}")
+    stage_seconds = report.get("stage_seconds") or {}
+    if stage_seconds:
+        timing = ", ".join(f"{_STAGE_NAMES.get(k, k)} {v:.0f} s" for k, v in stage_seconds.items())
+        lines.append(f"time: {report.get('seconds', sum(stage_seconds.values())):.0f} s ({timing})")
     return "\n".join(line for line in lines if line)

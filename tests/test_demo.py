@@ -1,4 +1,9 @@
-"""`make demo` end to end on the real (offline) emoji data: DP encoder beats a random one."""
+"""`make demo` end to end on the real (offline) emoji data, through the CLI with its defaults.
+
+`make demo` runs `python -m dpcap demo --config configs/demo-cpu.yaml --out runs/demo`: the test calls
+the same `dpcap.cli.main` with the progress bar on and wandb offline (the config's defaults), so the
+suite runs what users run. Only sizes may be overridden here, where time requires.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +11,61 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from dpcap.errors import DataError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
 
+# Sizes only (kept small enough for a shared 2-core machine); everything else is the demo's own config.
+SIZE_OVERRIDES = ["train.steps=5"]
+
+STAGES = ("data", "train_dp", "train_nonprivate", "export", "probe_dp", "probe_nonprivate", "probe_random_init")
+
+
+def assert_png(path: Path) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= 100, path
+        image.verify()
+
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    from dpcap.cli import main
     from dpcap.data.demo import emoji_font_path, emoji_test_path
-    from dpcap.pipeline import run_demo
 
     try:
         emoji_font_path(), emoji_test_path()
     except DataError as err:  # `make test` installs them; a bare pytest on another machine may not have them
         pytest.skip(str(err))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # what the config says; also keeps a user's WANDB_MODE out
     # Fixed (insecure) seeds make the test reproducible; `make demo` itself draws secret ones.
     seeds = ["privacy.insecure_noise_seed=1", "privacy.insecure_sampler_seed=2"]
-    report = run_demo(
-        str(CONFIG), str(tmp_path / "demo"), overrides=["log.progress=false", "log.wandb=disabled", *seeds]
-    )
-    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    out = tmp_path / "demo"
+    argv = ["demo", "--config", str(CONFIG), "--out", str(out), *SIZE_OVERRIDES, *seeds, "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])  # --json: the last stdout line
+    saved = json.loads((out / "report.json").read_text())
     assert saved["probe"] == report["probe"]
     assert {"epsilon", "delta", "probe"} <= saved.keys() and set(saved["probe"]) == {"dp", "random_init", "nonprivate"}
     assert 7.9 <= saved["epsilon"] <= 8.0  # σ calibrated to spend the ε = 8 budget, never more
     assert saved["num_samples"] > 2000  # the real emoji train split
     assert saved["probe"]["dp"] > saved["probe"]["random_init"]
-    export = tmp_path / "demo" / "export"
+    export = out / "export"
     assert (export / "model.safetensors").is_file() and (export / "MODEL_CARD.md").is_file()
+
+    assert len(saved["captions"]) == 8 and len({c["id"] for c in saved["captions"]}) == 8
+    for sample in saved["captions"]:
+        assert {"id", "image", "true", "dp", "nonprivate"} <= sample.keys()
+        assert sample["true"].startswith("an emoji of ")
+        assert all(isinstance(sample[k], str) and sample[k].strip() for k in ("dp", "nonprivate")), sample
+    for png in (out / "captions.png", out / "probe.png", *(out / "probe" / f"{n}.png" for n in saved["probe"])):
+        assert_png(png)
+    assert set(STAGES) < saved["stage_seconds"].keys()
+    assert all(seconds >= 0 for seconds in saved["stage_seconds"].values())
+    assert sum(saved["stage_seconds"].values()) <= saved["seconds"] + 1
+    total = len(saved["stage_seconds"])
+    for i in range(1, total + 1):  # every stage announced on stderr, none on stdout (the JSON stays last)
+        assert f"[demo {i}/{total}]" in captured.err and f"[demo {i}/{total}]" not in captured.out
+    assert "dp steps" in captured.err  # the training progress bar was on

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,20 +145,45 @@ def fit_logistic_regression(
     k = int(num_classes if num_classes is not None else int(y.max()) + 1)
     if int(y.min()) < 0 or int(y.max()) >= k:
         raise ConfigError(f"labels must lie in [0, {k}), got range [{int(y.min())}, {int(y.max())}]")
-    mean, std = standardisation(x.to(torch.float64))
-    objective = _SoftmaxObjective(x, y, mean, std, l2=l2, num_classes=k)
-    weight, bias = _initial_parameters(init, k, x.shape[1], dtype, x.device)
-    budget = max_iter
-    if mixed_precision and dtype == torch.float64:
-        weight, bias, used = _run_lbfgs(
-            objective, weight.float(), bias.float(), max_iter=max_iter, tolerance_grad=tolerance_grad
-        )
-        weight, bias = weight.to(dtype), bias.to(dtype)
-        # One budget for both phases, so mixed precision never costs more iterations than float64
-        # alone; the float64 phase always gets a tenth of it to verify and polish.
-        budget = max(max_iter - used, max(1, max_iter // 10))
-    weight, bias, _ = _run_lbfgs(objective, weight, bias, max_iter=budget, tolerance_grad=tolerance_grad)
+    with _cpu_threads_for(x, k):
+        mean, std = standardisation(x.to(torch.float64))
+        objective = _SoftmaxObjective(x, y, mean, std, l2=l2, num_classes=k)
+        weight, bias = _initial_parameters(init, k, x.shape[1], dtype, x.device)
+        budget = max_iter
+        if mixed_precision and dtype == torch.float64:
+            weight, bias, used = _run_lbfgs(
+                objective, weight.float(), bias.float(), max_iter=max_iter, tolerance_grad=tolerance_grad
+            )
+            weight, bias = weight.to(dtype), bias.to(dtype)
+            # One budget for both phases, so mixed precision never costs more iterations than float64
+            # alone; the float64 phase always gets a tenth of it to verify and polish.
+            budget = max(max_iter - used, max(1, max_iter // 10))
+        weight, bias, _ = _run_lbfgs(objective, weight, bias, max_iter=budget, tolerance_grad=tolerance_grad)
     return LinearHead(weight, bias, mean.to(dtype), std.to(dtype))
+
+
+SINGLE_THREAD_WORK = 1 << 27
+"""Problems with N·D·K below this (134M multiply-adds per matmul) are fitted on one CPU thread."""
+
+
+@contextmanager
+def _cpu_threads_for(x: torch.Tensor, num_classes: int) -> Iterator[None]:
+    """One intra-op thread for a small CPU fit, restored afterwards.
+
+    Each L-BFGS evaluation of a small problem is a few millisecond-sized matmuls; torch's OpenMP
+    threads then spend their time waiting on each other, and on a busy machine they wait on other
+    processes too: the demo's probe (2,535 × 128 features, 99 classes, on 2 cores shared with
+    another job) took 162 s per fit with 2 threads and 1.5 s with one. Large fits keep every thread.
+    """
+    small = x.device.type == "cpu" and x.shape[0] * x.shape[1] * num_classes < SINGLE_THREAD_WORK
+    previous = torch.get_num_threads()
+    if small and previous > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def _initial_parameters(
@@ -288,6 +314,7 @@ def linear_probe(
     l2_grid: Sequence[float] = DEFAULT_L2_GRID,
     max_iter: int = 500,
     return_predictions: bool = False,
+    on_fit: Callable[[float, float | None], None] | None = None,
 ) -> dict[str, Any]:
     """Select λ on validation accuracy, refit on train + validation, report test top-1.
 
@@ -296,7 +323,9 @@ def linear_probe(
     Labels may be strings or ints; classes are those of the training (+ validation) set, and test
     samples of other classes count as errors. Returns a JSON-serialisable dict: top1, l2, val_top1,
     num_train, num_test, num_classes, num_test_unseen, per_l2 {λ: val acc}, classes (and
-    ``predictions``, the predicted original labels, when ``return_predictions``).
+    ``predictions``, the predicted original labels, when ``return_predictions``). ``on_fit(λ, val_top1)``,
+    if given, is called after each λ of the grid, then ``on_fit(best λ, None)`` after the final refit
+    (a progress hook: a fit on ~100 classes takes seconds).
     """
     x_tr, y_tr, x_va, y_va = _train_val(x_train, y_train, x_val, y_val, val_fraction, seed)
     if not l2_grid:
@@ -306,11 +335,15 @@ def linear_probe(
     for l2 in sorted((float(v) for v in l2_grid), reverse=True):  # strong → weak, each warm-starting the next
         head = fit_logistic_regression(x_tr, ids_tr, l2=l2, num_classes=len(classes), max_iter=max_iter, init=head)
         per_l2[l2] = accuracy(head, x_va, ids_va)
+        if on_fit is not None:
+            on_fit(l2, per_l2[l2])
     per_l2 = dict(sorted(per_l2.items()))
     best_l2 = max(per_l2, key=lambda v: (per_l2[v], v))
     x_all = torch.cat([torch.as_tensor(x_tr), torch.as_tensor(x_va)])
     classes, (ids_all, ids_te) = encode_labels(y_tr + y_va, _to_list(y_test))
     head = fit_logistic_regression(x_all, ids_all, l2=best_l2, num_classes=len(classes), max_iter=max_iter)
+    if on_fit is not None:
+        on_fit(best_l2, None)
     report = {
         "top1": accuracy(head, x_test, ids_te),
         "l2": best_l2,
@@ -431,25 +464,67 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> torch.Tensor
     return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, -1)
 
 
-def save_confusion_png(cm: Any, path: str | os.PathLike, labels: Sequence[str] | None = None) -> Path:
-    """Plot a row-normalised confusion matrix to a PNG (matplotlib Agg canvas, no pyplot, atomic)."""
+def save_confusion_png(
+    cm: Any, path: str | os.PathLike, labels: Sequence[str] | None = None, *, title: str | None = None
+) -> Path:
+    """Plot a row-normalised confusion matrix to a PNG (matplotlib Agg canvas, no pyplot, atomic).
+
+    The figure grows with the class count (about 0.2 inch per class, capped at 40 inches) so that
+    every class keeps a tick at 6-9 pt; beyond ~180 classes only every n-th class is labelled.
+    ``title`` (e.g. the encoder and its top-1) goes above the matrix.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     counts = torch.as_tensor(cm).double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     k = counts.shape[0]
-    size = min(4 + 0.25 * k, 40)
-    fig = Figure(figsize=(size, size))
+    longest = max((len(str(v)) for v in labels), default=0) if labels is not None else 0
+    # Room for the rotated x labels and the y labels: ~0.07 inch per character at 7 pt.
+    margin = 1.5 + 0.07 * min(longest, 40)
+    size = min(4 + 0.2 * k, 40)
+    fig = Figure(figsize=(size + margin, size + margin))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(rates.numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, fraction=0.046)
+    image = ax.imshow(rates.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="fraction of the true class")
     if labels is not None:
-        ax.set_xticks(range(k), [str(v) for v in labels], rotation=90, fontsize=6)
-        ax.set_yticks(range(k), [str(v) for v in labels], fontsize=6)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+        every = max(1, -(-k // 180))  # 40 inches hold ~180 ticks of 7 pt text
+        ticks = list(range(0, k, every))
+        names = [str(labels[i]) for i in ticks]
+        fontsize = 9 if k <= 30 else 7 if k <= 120 else 6
+        ax.set_xticks(ticks, names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(ticks, names, fontsize=fontsize)
+    ax.set_xlabel("predicted", fontsize=10 if k <= 30 else 14)
+    ax.set_ylabel("true", fontsize=10 if k <= 30 else 14)
+    if title:
+        ax.set_title(title, fontsize=12 if k <= 30 else 20)
+    fig.tight_layout()
+    return save_figure_atomically(fig, Path(path))
+
+
+def save_accuracy_bars_png(
+    values: Mapping[str, float], path: str | os.PathLike, *, title: str | None = None, ylabel: str = "top-1"
+) -> Path:
+    """Bar chart of accuracies in [0, 1] (one bar per name, in order), each value printed on its bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not values:
+        raise ConfigError("save_accuracy_bars_png needs at least one value")
+    names = list(values)
+    heights = [100 * float(values[n]) for n in names]
+    fig = Figure(figsize=(max(4.0, 1.4 * len(names) + 1.5), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = ["tab:blue", "tab:orange", "tab:gray", "tab:green", "tab:red", "tab:purple"]
+    bars = ax.bar(names, heights, color=[colours[i % len(colours)] for i in range(len(names))])
+    ax.bar_label(bars, labels=[f"{h:.1f}%" for h in heights], padding=2, fontsize=10)
+    top = max([h for h in heights if np.isfinite(h)], default=100.0)
+    ax.set_ylim(0, min(100.0, top * 1.15 + 2) if top > 0 else 1)
+    ax.set_ylabel(f"{ylabel} (%)")
+    if title:
+        ax.set_title(title, fontsize=11)
     fig.tight_layout()
     return save_figure_atomically(fig, Path(path))
 
@@ -461,8 +536,16 @@ def save_figure_atomically(fig: Any, path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a figure gets the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it: there is no getter)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -17,6 +17,7 @@ from dpcap.eval.probe import (
     fit_logistic_regression,
     linear_probe,
     logistic_objective,
+    save_accuracy_bars_png,
     save_confusion_png,
     sgd_probe,
     standardisation,
@@ -196,6 +197,34 @@ def test_holdout_split_depends_on_seed_only() -> None:
     assert a["num_train"] == 200  # refit on train + held-out validation
 
 
+def test_small_cpu_fits_run_on_one_thread_and_restore_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dpcap.eval.probe as probe
+
+    seen = []
+    run_lbfgs = probe._run_lbfgs
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return run_lbfgs(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "_run_lbfgs", recording)
+    x, y = blobs(200, 8, 3, 2.0, seed=6)
+    torch.set_num_threads(2)  # the autouse fixture restores the session's count afterwards
+    fit_logistic_regression(x, y, l2=1e-2, num_classes=3)
+    assert seen == [1, 1] and torch.get_num_threads() == 2  # both phases on one thread, then restored
+    monkeypatch.setattr(probe, "SINGLE_THREAD_WORK", 0)  # as if the problem were large
+    seen.clear()
+    fit_logistic_regression(x, y, l2=1e-2, num_classes=3)
+    assert seen == [2, 2]
+
+
+def test_on_fit_reports_every_lambda_then_the_refit() -> None:
+    x, y = blobs(300, 8, 3, 2.0, seed=6)
+    calls = []
+    report = linear_probe(x[:200], y[:200], x[200:], y[200:], l2_grid=(1e-1, 1e-3), on_fit=lambda *a: calls.append(a))
+    assert calls == [(1e-1, report["per_l2"][1e-1]), (1e-3, report["per_l2"][1e-3]), (report["l2"], None)]
+
+
 def test_sgd_probe_separable() -> None:
     x, y = blobs(1200, 16, 4, 0.3, seed=7)
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
@@ -227,6 +256,24 @@ def test_confusion_matrix_against_loop(tmp_path: Path) -> None:
     out = save_confusion_png(cm, tmp_path / "sub" / "cm.png", labels=list("abcde"))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [f.name for f in out.parent.iterdir()] == ["cm.png"]  # no temporary left behind
+
+
+def test_confusion_png_scales_with_classes_and_bars_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    k = 99
+    cm = confusion_matrix(np.arange(3 * k) % k, (np.arange(3 * k) * 7) % k, k)
+    labels = [f"subgroup-name-{i}" for i in range(k)]
+    small = save_confusion_png(confusion_matrix([0, 1], [0, 1], 2), tmp_path / "small.png", ["a", "b"])
+    big = save_confusion_png(cm, tmp_path / "big.png", labels, title="DP encoder: linear probe top-1 3.0%")
+    with Image.open(small) as a, Image.open(big) as b:
+        assert b.size[0] > 3 * a.size[0] and b.size[0] >= 100 * 0.2 * k  # ≥ 0.2 inch per class at 100 dpi
+    bars = save_accuracy_bars_png({"DP": 0.45, "non-private": 0.5, "random init": 0.3}, tmp_path / "p.png", title="ε")
+    with Image.open(bars) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1]
+    with pytest.raises(ConfigError):
+        save_accuracy_bars_png({}, tmp_path / "none.png")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["big.png", "p.png", "small.png"]
 
 
 def test_float32_and_float64_phases_share_one_iteration_budget(monkeypatch: pytest.MonkeyPatch) -> None:
