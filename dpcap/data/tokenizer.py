@@ -1,8 +1,9 @@
 """Caption tokenizer: open_clip's bundled BPE at a fixed length, with a separate loss mask.
 
-A tokenized caption is ``[SOT, bpe…, EOT, 0, 0, …]``. The pad id 0 is a real BPE token ("!"), so
-padding can never be told apart from text by its value: the loss mask is derived from the position
-of the first EOT instead (`target_mask`).
+A tokenized caption is ``[SOT, bpe…, EOT, pad, pad, …]`` in the ids of a `Vocabulary` (``clip``:
+open_clip's own ids; ``clip16k``: its first 16,384 ids and one unknown id, see `dpcap.data.vocab`). Under
+``clip`` the pad id 0 is a real BPE token ("!"), so padding can never be told apart from text by
+its value: the loss mask is derived from the position of the first EOT instead (`target_mask`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from collections.abc import Sequence
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
+from dpcap.data.vocab import CLIP_EOT_ID, CLIP_PAD_ID, CLIP_SOT_ID, CLIP_VOCAB_SIZE, VOCABS, get_vocabulary
 from dpcap.errors import ConfigError, DataError
 
-SOT_ID = 49406
-EOT_ID = 49407
-PAD_ID = 0
-VOCAB_SIZE = 49408
+# open_clip's ids (the ``clip`` vocabulary, the default)
+SOT_ID = CLIP_SOT_ID
+EOT_ID = CLIP_EOT_ID
+PAD_ID = CLIP_PAD_ID
+VOCAB_SIZE = CLIP_VOCAB_SIZE
+UNK_TEXT = "<unk>"  # how `decode` shows a BPE token outside a compact vocabulary
 
 
 class CaptionTokenizer:
@@ -25,41 +29,51 @@ class CaptionTokenizer:
 
     Args:
         context_length: total length of each row, SOT and EOT included (at least 2).
+        vocab: ``"clip"`` (open_clip's 49,408 ids) or ``"clip16k"`` (its first 16,384 ids + unknown).
     """
 
-    def __init__(self, context_length: int) -> None:
+    def __init__(self, context_length: int, vocab: str = "clip") -> None:
         if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
             raise ConfigError(f"context_length must be an integer >= 2, got {context_length!r}")
+        if vocab not in VOCABS:
+            raise ConfigError(f"unknown vocabulary {vocab!r}; valid: {', '.join(VOCABS)}")
         self.context_length = context_length
+        self.vocabulary = get_vocabulary(vocab)
+        self._to_model = self.vocabulary.lookup().tolist()
         self._bpe = SimpleTokenizer(context_length=context_length)
         if self._bpe.sot_token_id != SOT_ID or self._bpe.eot_token_id != EOT_ID:
             raise ConfigError("open_clip's BPE vocabulary changed: unexpected SOT/EOT ids")
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids (49408)."""
-        return len(self._bpe.encoder)
+        """Number of token ids (49408 for ``clip``)."""
+        return self.vocabulary.size
 
     @property
     def sot_id(self) -> int:
         """Start-of-text id."""
-        return SOT_ID
+        return self.vocabulary.sot_id
 
     @property
     def eot_id(self) -> int:
         """End-of-text id."""
-        return EOT_ID
+        return self.vocabulary.eot_id
+
+    @property
+    def pad_id(self) -> int:
+        """Id written after EOT."""
+        return self.vocabulary.pad_id
 
     def encode_one(self, caption: str) -> list[int]:
         """``[SOT, bpe…, EOT]`` truncated to `context_length`, so that EOT is always the last kept token."""
-        body = self._bpe.encode(caption)[: self.context_length - 2]
-        return [SOT_ID, *body, EOT_ID]
+        body = [self._to_model[t] for t in self._bpe.encode(caption)[: self.context_length - 2]]
+        return [self.sot_id, *body, self.eot_id]
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        """Tokenize captions into a ``(B, context_length)`` int64 tensor padded with id 0 after EOT."""
+        """Tokenize captions into a ``(B, context_length)`` int64 tensor padded with `pad_id` after EOT."""
         if isinstance(captions, str):
             raise DataError("CaptionTokenizer expects a list of captions, got a single string")
-        out = torch.full((len(captions), self.context_length), PAD_ID, dtype=torch.long)
+        out = torch.full((len(captions), self.context_length), self.pad_id, dtype=torch.long)
         for row, caption in enumerate(captions):
             if not isinstance(caption, str):
                 raise DataError(f"caption {row} is {type(caption).__name__}, expected str")
@@ -73,11 +87,22 @@ class CaptionTokenizer:
         return [self._decode_row(row) for row in rows]
 
     def _decode_row(self, row: list[int]) -> str:
-        if row and row[0] == SOT_ID:
+        sot, eot = self.sot_id, self.eot_id
+        if row and row[0] == sot:
             row = row[1:]
-        if EOT_ID in row:
-            row = row[: row.index(EOT_ID)]
-        return self._bpe.decode([t for t in row if t != SOT_ID]).strip()
+        if eot in row:
+            row = row[: row.index(eot)]
+        row = [t for t in row if t != sot]
+        if self.vocabulary.unk_id is None:
+            return self._bpe.decode(row).strip()
+        pieces, run = [], []
+        for t in row:
+            if self.vocabulary.to_clip(t) is not None:
+                run.append(t)
+                continue
+            pieces += [self._bpe.decode(run), UNK_TEXT + " "]
+            run = []
+        return " ".join("".join([*pieces, self._bpe.decode(run)]).split())
 
 
 def target_mask(tokens: torch.Tensor, *, eot_id: int = EOT_ID) -> torch.Tensor:

@@ -512,7 +512,7 @@ def run_audit(
     config = load_config(config_path, fixed)
     model_cfg = get_config(config.model.size, **config.model.overrides())
     space, rngs = SecretSpace(length=secret_words), _generators(seed)
-    tokenizer = get_tokenizer(config.model.size, context_length=model_cfg.text.context_length)
+    tokenizer = get_tokenizer(config.model.size, **config.model.overrides())
     transform = image_transform(model_cfg.vision.image_size, model_cfg.image_mean, model_cfg.image_std)
     check_canary_tokens(tokenizer, [space.caption(space.size - 1)])
     made = make_canaries(

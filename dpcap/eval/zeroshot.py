@@ -356,7 +356,7 @@ def zero_shot(
     if tokenizer is None:
         from dpcap.data.tokenizer import CaptionTokenizer
 
-        tokenizer = CaptionTokenizer(model.config.text.context_length)
+        tokenizer = CaptionTokenizer(model.config.text.context_length, vocab=model.config.text.vocab)
     clf = ZeroShotClassifier(class_prompts, tokenizer=tokenizer, length_norm=length_norm, reduce=reduce)
     prompt_scores, scores = clf.scores(model, images, batch_size=batch_size, positions_per_step=positions_per_step)
     n = int(images.shape[0])
@@ -407,7 +407,7 @@ def zero_shot_accuracy(
     if tokenizer is None:
         from dpcap.data.tokenizer import CaptionTokenizer
 
-        tokenizer = CaptionTokenizer(model.config.text.context_length)
+        tokenizer = CaptionTokenizer(model.config.text.context_length, vocab=model.config.text.vocab)
     transform = image_transform(model.config.vision.image_size, model.config.image_mean, model.config.image_std)
     ids, labels = _select(shard_dir, transform, label_key, split, batch_size)
     if not ids:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpcap.data.tokenizer import EOT_ID, PAD_ID, SOT_ID, target_mask
+from dpcap.data.tokenizer import target_mask
+from dpcap.data.vocab import get_vocabulary
 from dpcap.errors import ConfigError, DataError
 from dpcap.model.decoder import TextDecoder
 from dpcap.model.encoder import create_encoder
@@ -32,6 +33,7 @@ class Captioner(nn.Module):
         self.config = config
         self.image_size = config.vision.image_size
         self.context_length = config.text.context_length
+        self.vocabulary = get_vocabulary(config.text.vocab)  # its special ids frame every caption
         self.encoder = create_encoder(config)
         self.decoder = TextDecoder(config.text, image_width=config.vision.width, bias=config.bias)
 
@@ -64,7 +66,7 @@ class Captioner(nn.Module):
         """Per-position negative log-likelihood ``(B, L-1)`` in float32 and its target mask."""
         self._check_images(images)
         self._check_tokens(tokens, images.shape[0])
-        mask = target_mask(tokens, eot_id=EOT_ID)
+        mask = target_mask(tokens, eot_id=self.vocabulary.eot_id)
         # Positions after every row's EOT cannot change earlier logits (causal decoder) and carry no
         # loss, so they are cut: the result is identical and short captions cost less.
         used = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1
@@ -109,16 +111,17 @@ class Captioner(nn.Module):
             raise ConfigError(f"max_length must be an int in [2, {self.context_length}], got {max_length!r}")
         memory = self.image_tokens(images)
         batch = images.shape[0]
-        seq = torch.full((batch, length), PAD_ID, dtype=torch.long, device=images.device)
-        seq[:, 0] = SOT_ID
+        sot, eot, pad = self.vocabulary.sot_id, self.vocabulary.eot_id, self.vocabulary.pad_id
+        seq = torch.full((batch, length), pad, dtype=torch.long, device=images.device)
+        seq[:, 0] = sot
         done = torch.zeros(batch, dtype=torch.bool, device=images.device)
         for pos in range(1, length):
             logits = self.decoder(seq[:, :pos], memory)[:, -1].float()
-            logits[:, SOT_ID] = float("-inf")
-            step = torch.where(done, PAD_ID, logits.argmax(dim=-1))
+            logits[:, sot] = float("-inf")
+            step = torch.where(done, pad, logits.argmax(dim=-1))
             seq[:, pos] = step
-            done |= step == EOT_ID
+            done |= step == eot
             if bool(done.all()):
                 return seq
-        seq[~done, -1] = EOT_ID
+        seq[~done, -1] = eot
         return seq

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dpcap.data.tokenizer import VOCAB_SIZE, CaptionTokenizer
+from dpcap.data.tokenizer import CaptionTokenizer
+from dpcap.data.vocab import VOCABS, get_vocabulary
 from dpcap.errors import ConfigError
 from dpcap.model.captioner import Captioner
 
@@ -62,16 +63,24 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Causal text decoder over `context_length` BPE tokens."""
+    """Causal text decoder over `context_length` tokens of the vocabulary `vocab` (see dpcap.data.vocab).
+
+    `vocab_size` defaults to the vocabulary's size (49,408 for ``clip``).
+    """
 
     context_length: int
     width: int
     layers: int
     heads: int
     mlp_ratio: float = 4.0
-    vocab_size: int = VOCAB_SIZE
+    vocab_size: int | None = None
+    vocab: str = "clip"
 
     def __post_init__(self) -> None:
+        if self.vocab not in VOCABS:
+            raise ConfigError(f"text.vocab must be one of {', '.join(VOCABS)}, got {self.vocab!r}")
+        if self.vocab_size is None:
+            object.__setattr__(self, "vocab_size", get_vocabulary(self.vocab).size)
         for key in ("context_length", "width", "layers", "heads", "vocab_size"):
             _check_positive_int("text", key, getattr(self, key))
         _check_ratio("text", self.mlp_ratio)
@@ -170,6 +179,7 @@ _OVERRIDES: dict[str, tuple[str, str, type]] = {
     "text_layers": ("text", "layers", int),
     "text_heads": ("text", "heads", int),
     "context_length": ("text", "context_length", int),
+    "vocab": ("text", "vocab", str),
     "mlp_ratio": ("both", "mlp_ratio", float),
     "bias": ("top", "bias", bool),
 }
@@ -180,7 +190,7 @@ def _typed(key: str, value: object, kind: type) -> object:
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if kind is bool and isinstance(value, bool):
+    if kind in (bool, str) and isinstance(value, kind):
         return value
     raise ConfigError(f"model override {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
 
@@ -204,6 +214,8 @@ def get_config(name: str, **overrides: object) -> CaptionerConfig:
         targets = {"vision": (vision,), "text": (text,), "both": (vision, text), "top": (top,)}[section]
         for target in targets:
             target[field] = value
+    if "vocab" in text:  # the head and embedding follow the vocabulary
+        text["vocab_size"] = None
     return dataclasses.replace(
         cfg,
         vision=dataclasses.replace(cfg.vision, **vision),
@@ -231,6 +243,7 @@ def create_captioner(name: str, *, seed: int | None = None, **overrides: object)
 def get_tokenizer(name: str, **overrides: object) -> CaptionTokenizer:
     """Tokenizer whose rows have the context length of size `name` (as ``open_clip.get_tokenizer``).
 
-    Accepts the same `overrides` as `get_config`, so ``context_length=…`` matches the model's.
+    Accepts the same `overrides` as `get_config`, so ``context_length=…`` and ``vocab=…`` match the model's.
     """
-    return CaptionTokenizer(get_config(name, **overrides).text.context_length)
+    text = get_config(name, **overrides).text
+    return CaptionTokenizer(text.context_length, vocab=text.vocab)

@@ -211,9 +211,7 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
     if config.train.ema_decay is not None:  # e_0 = θ_0, or the EMA saved with the checkpoint
         ema = EMA(model, config.train.ema_decay, load_ema(checkpoint) if checkpoint is not None else None)
     cfg = model.config
-    tokenizer = get_tokenizer(
-        config.model.size, **({"context_length": config.model.context_length} if config.model.context_length else {})
-    )
+    tokenizer = get_tokenizer(config.model.size, **config.model.overrides())
     transform = image_transform(model.image_size, cfg.image_mean, cfg.image_std)
     reader = SampleReader(config.data.shards, transform, tokenizer)
     public_reader = SampleReader(config.data.public_shards, transform, tokenizer) if config.data.public_shards else None
