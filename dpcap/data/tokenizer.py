@@ -97,8 +97,9 @@ class CaptionTokenizer:
             return self._bpe.decode(row).strip()
         pieces, run = [], []
         for t in row:
-            if self.vocabulary.to_clip(t) is not None:
-                run.append(t)
+            clip_id = self.vocabulary.to_clip(t)
+            if clip_id is not None:
+                run.append(clip_id)
                 continue
             pieces += [self._bpe.decode(run), UNK_TEXT + " "]
             run = []

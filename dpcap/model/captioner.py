@@ -102,8 +102,8 @@ class Captioner(nn.Module):
     def generate(self, images: torch.Tensor, max_length: int | None = None) -> torch.Tensor:
         """Greedy captions ``(B, max_length)`` int64: ``[SOT, …, EOT, 0, …]`` (the tokenizer's format).
 
-        Decodes from SOT, taking the arg-max token (SOT itself excluded) at each step; the image
-        tokens are computed once. A row that has not emitted EOT by the last position gets EOT
+        Decodes from SOT, taking the arg-max token (SOT and a compact vocabulary's unknown id
+        excluded) at each step; the image tokens are computed once. A row that has not emitted EOT by the last position gets EOT
         there, so every row is EOT-terminated like a truncated tokenized caption.
         """
         length = self.context_length if max_length is None else max_length
@@ -118,6 +118,8 @@ class Captioner(nn.Module):
         for pos in range(1, length):
             logits = self.decoder(seq[:, :pos], memory)[:, -1].float()
             logits[:, sot] = float("-inf")
+            if self.vocabulary.unk_id is not None:  # "unknown word" is no caption (it is also frequent)
+                logits[:, self.vocabulary.unk_id] = float("-inf")
             step = torch.where(done, pad, logits.argmax(dim=-1))
             seq[:, pos] = step
             done |= step == eot

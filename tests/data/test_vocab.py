@@ -62,3 +62,42 @@ def test_unknown_vocabulary_is_a_config_error() -> None:
         get_config("nano", vocab="bert")
     with pytest.raises(ConfigError, match="vocabulary"):
         CaptionTokenizer(8, vocab="bert")
+
+
+def test_unicode_vocabulary_is_the_tokens_of_public_unicode_names() -> None:
+    """The shipped list equals a fresh derivation from UnicodeData.txt (independent naive loop)."""
+    from pathlib import Path
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from dpcap.data.vocab import UNICODE_DATA_CANDIDATES
+
+    source = next((Path(p) for p in UNICODE_DATA_CANDIDATES if Path(p).is_file()), None)
+    if source is None:  # `make test` installs unicode-data; a bare pytest elsewhere may not have it
+        pytest.skip("unicode-data is not installed")
+    bpe, expected = SimpleTokenizer(), set(range(512))
+    for line in source.read_text(encoding="utf-8").splitlines():
+        fields = line.split(";")
+        for name in (fields[1], fields[10]):
+            if name and not name.startswith("<"):
+                expected.update(bpe.encode(name.lower()))
+    vocab = get_vocabulary("unicode")
+    assert set(vocab.listed) == expected - {49406, 49407} and list(vocab.listed) == sorted(vocab.listed)
+    assert vocab.size == 4 + len(vocab.listed)
+
+
+def test_unicode_vocabulary_round_trip_and_unknown() -> None:
+    tok = CaptionTokenizer(20, vocab="unicode")
+    tokens = tok(["an emoji of grinning face", "an emoji of flag: Afghanistan"])
+    assert tokens[:, 0].tolist() == [2, 2] and int(tokens.max()) < tok.vocab_size
+    assert tok.decode(tokens) == ["an emoji of grinning face", "an emoji of flag : <unk>"]
+    assert int((tokens == 1).sum()) == 1  # "afghanistan" is not in any Unicode character name
+
+
+def test_generate_never_emits_the_unknown_id() -> None:
+    model = create_captioner("nano", seed=0, vocab="unicode", text_width=32, context_length=8)
+    with torch.no_grad():  # make "unknown" the arg-max everywhere: generate must still avoid it
+        model.decoder.head.bias.zero_()
+        model.decoder.head.bias[1] = 100.0
+    generated = model.generate(torch.zeros(3, 3, 32, 32))
+    assert not bool((generated == 1).any()) and bool((generated[:, 0] == 2).all())
