@@ -108,6 +108,15 @@ class LogConfig:
 
 
 @dataclass
+class DemoConfig:
+    """Read by `dpcap demo` only (training ignores it)."""
+
+    # The non-private baseline's own learning rate (None: the DP run's). Each side is tuned on its own:
+    # without noise a smaller step learns better features; DP's noisy steps need a larger one.
+    nonprivate_lr: float | None = None
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,6 +124,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:

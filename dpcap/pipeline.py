@@ -282,6 +282,8 @@ def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label
     if not dp["done"]:
         raise ConfigError(f"the DP run stopped early at step {dp['step']} ({dp['stopped_by']})")
     nonprivate_overrides = ["privacy.sigma=0", "privacy.epsilon=null"]
+    if base.demo.nonprivate_lr is not None:
+        nonprivate_overrides.append(f"train.lr={base.demo.nonprivate_lr}")
     with stages("train_nonprivate", f"non-private training ({base.train.steps} steps, σ = 0)"):
         train(load_config(config_path, [*shared, *nonprivate_overrides, f"run_dir={out / 'nonprivate'}"]))
     with stages("export", "exporting the DP encoder"):
