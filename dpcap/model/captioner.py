@@ -103,8 +103,9 @@ class Captioner(nn.Module):
         """Greedy captions ``(B, max_length)`` int64: ``[SOT, …, EOT, 0, …]`` (the tokenizer's format).
 
         Decodes from SOT, taking the arg-max token (SOT and a compact vocabulary's unknown id
-        excluded) at each step; the image tokens are computed once. A row that has not emitted EOT by the last position gets EOT
-        there, so every row is EOT-terminated like a truncated tokenized caption.
+        excluded) at each step; the image tokens are computed once. A row that has not emitted EOT
+        by the last position gets EOT there, so every row is EOT-terminated like a truncated
+        tokenized caption.
         """
         length = self.context_length if max_length is None else max_length
         if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= self.context_length:
