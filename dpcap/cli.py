@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a run's encoder for timm / transformers with its privacy card")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     _add_ema(export)
     _add_json(export)
 
@@ -229,7 +230,7 @@ def _cmd_train(args: argparse.Namespace) -> dict:
 def _cmd_export(args: argparse.Namespace) -> dict:
     from dpcap.pipeline import export_run
 
-    return export_run(args.run_dir, args.out, use_ema=args.ema)
+    return export_run(args.run_dir, args.out, use_ema=args.ema, overwrite=args.overwrite)
 
 
 def _cmd_probe(args: argparse.Namespace) -> dict:

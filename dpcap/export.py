@@ -125,7 +125,7 @@ def export_encoder(
     metadata = privacy_metadata(privacy_card)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"export folder {out} already exists and is not empty (pass overwrite=True)")
+        raise ConfigError(f"export folder {out} already exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

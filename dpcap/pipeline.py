@@ -44,15 +44,19 @@ def load_run(run_dir: str | os.PathLike, *, ema: bool = False) -> tuple[torch.nn
     return model.eval(), state, config
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = False) -> dict[str, Any]:
-    """Export the run's encoder (timm/transformers folder) with its privacy card (`use_ema`: its EMA weights)."""
+def export_run(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Export the run's encoder (timm/transformers folder) with its privacy card (`use_ema`: its EMA weights).
+
+    A non-empty `out_dir` is refused unless `overwrite`."""
     from dpcap.export import export_encoder
 
     model, state, config = load_run(run_dir, ema=use_ema)
     card = dict(state.privacy) | {"weights": "ema" if use_ema else "last"}
     if config.privacy.insecure_noise_seed is not None or config.privacy.insecure_sampler_seed is not None:
         card["private"] = False
-    out = export_encoder(model, out_dir, privacy_card=card)
+    out = export_encoder(model, out_dir, privacy_card=card, overwrite=overwrite)
     return {"out": str(out), "step": state.step, **card}
 
 

@@ -228,3 +228,13 @@ def test_probe_on_imagefolder_tree(capsys, tiny_run, tmp_path):
     )
     assert probe["num_classes"] == 2 and probe["num_test"] == 12
     assert probe["top1"] == 1.0  # two flat colours are linearly separable in any non-degenerate features
+
+
+def test_export_into_a_full_folder_needs_the_overwrite_flag(capsys, tiny_run, tmp_path):
+    out = tmp_path / "export"
+    run_json(capsys, ["export", str(tiny_run), "--out", str(out)])
+    assert main(["export", str(tiny_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--overwrite" in err and "overwrite=True" not in err
+    result = run_json(capsys, ["export", str(tiny_run), "--out", str(out), "--overwrite"])
+    assert Path(result["out"]) == out and (out / "model.safetensors").is_file()
