@@ -54,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--overwrite", action="store_true")
     _add_json(build)
+    index = data.add_parser(
+        "index", help="index existing WebDataset shards in place (tar headers only; the shards are not copied)"
+    )
+    index.add_argument(
+        "src", nargs="+", help="a folder of .tar shards, a brace pattern, a .tar, or a file listing tars"
+    )
+    index.add_argument("--out", required=True, help="index folder to write (the sources are only read)")
+    index.add_argument("--workers", type=int, default=1, help="processes indexing shards in parallel")
+    index.add_argument("--caption-key", default="caption", help="JSON field holding the caption when there is no .txt")
+    index.add_argument("--label-key", default=None, help="JSON field holding a class label, for probes")
+    _add_json(index)
     stats = data.add_parser("stats", help="count samples, shards and bytes of a shard folder")
     stats.add_argument("dir")
     _add_json(stats)
@@ -169,6 +180,12 @@ def _cmd_data(args: argparse.Namespace) -> dict:
             max_caption_chars=args.max_caption_chars,
             where=where,
             overwrite=args.overwrite,
+        )
+    if args.data_command == "index":
+        from dpcap.data.wds_index import build_wds_index
+
+        return build_wds_index(
+            args.src, args.out, workers=args.workers, caption_key=args.caption_key, label_key=args.label_key
         )
     if args.data_command == "stats":
         from dpcap.data.build import dataset_stats

@@ -148,7 +148,7 @@ def dataset_stats(shard_dir: str | os.PathLike) -> dict[str, Any]:
 
     index = ShardIndex(shard_dir)
     tar_bytes = sum(p.stat().st_size for p in index.shard_paths)
-    idx_bytes = sum(index_path(p).stat().st_size for p in index.shard_paths)
+    idx_bytes = sum(p.stat().st_size for p in index.index_paths)
     totals = np.zeros(len(INDEX_COLUMNS), dtype=np.int64)
     for i in range(index.num_shards):
         totals += index.rows(i).sum(axis=0, dtype=np.int64) if index.counts[i] else 0
@@ -162,6 +162,22 @@ def dataset_stats(shard_dir: str | os.PathLike) -> dict[str, Any]:
         "caption_bytes": int(totals[3]),
         "bytes_per_sample": tar_bytes / n if n else 0.0,
         "dir": str(index.dir),
+        **_index_report(index.dir),
+    }
+
+
+def _index_report(folder: Path) -> dict[str, Any]:
+    """What `dpcap data index` left out (per reason) and which tars were truncated; {} for built folders."""
+    from dpcap.data.index import WDS_INDEX_FILE
+
+    path = Path(folder) / WDS_INDEX_FILE
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_bytes())
+    return {
+        "skipped": data.get("skipped", {}),
+        "truncated": data.get("truncated", []),
+        "caption_key": data["caption_key"],
     }
 
 

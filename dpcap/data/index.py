@@ -23,7 +23,11 @@ from dpcap.data.build import INDEX_COLUMNS, INDEX_DTYPE, SIZES_FILE, index_path
 from dpcap.errors import DataError
 
 ROW_BYTES = INDEX_DTYPE.itemsize * len(INDEX_COLUMNS)
-ACCEPTED = f"a folder written by `dpcap data build` ({SIZES_FILE} + its .tar shards and .idx files)"
+ACCEPTED = (
+    f"a folder written by `dpcap data build` ({SIZES_FILE} + its .tar shards and .idx files), or an index "
+    "folder written by `dpcap data index SRC… --out DIR` for existing WebDataset shards"
+)
+WDS_INDEX_FILE = "shards.json"  # the in-place index of existing tars (`dpcap data index`, dpcap.data.wds_index)
 
 # Sources WebDataset would take but a ShardIndex cannot (it needs sizes.json and the .idx offsets of
 # local files): named precisely, so the user learns what to give instead of "sizes.json not found".
@@ -51,15 +55,37 @@ class ShardIndex:
     def __init__(self, shard_dir: str | os.PathLike, *, max_open: int = 1024) -> None:
         _check_source(os.fspath(shard_dir))
         self.dir = Path(shard_dir)
-        sizes = _read_sizes(self.dir / SIZES_FILE)
-        self.names = sorted(sizes)
-        self.counts = np.array([sizes[n] for n in self.names], dtype=np.int64)
+        # A caption stored only in the JSON member (txt size 0) is read from this field (in-place indexes).
+        self.caption_key: str | None = None
+        self.label_key: str | None = None
+        if (self.dir / WDS_INDEX_FILE).is_file():
+            self._load_wds_index(self.dir / WDS_INDEX_FILE)
+        else:
+            sizes = _read_sizes(self.dir / SIZES_FILE)
+            self.names = sorted(sizes)
+            self.counts = np.array([sizes[n] for n in self.names], dtype=np.int64)
+            self.shard_paths = [self.dir / n for n in self.names]
+            self.index_paths = [index_path(p) for p in self.shard_paths]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self.shard_paths = [self.dir / n for n in self.names]
         self.max_open = max_open
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
-        for path, count in zip(self.shard_paths, self.counts):
-            _check_shard(path, int(count))
+        for path, idx, count in zip(self.shard_paths, self.index_paths, self.counts):
+            _check_shard(path, idx, int(count))
+
+    def _load_wds_index(self, path: Path) -> None:
+        """Shards, counts and index files of an in-place index of existing tars (`dpcap data index`)."""
+        try:
+            data = json.loads(path.read_bytes())
+            shards = data["shards"]
+            self.shard_paths = [Path(s["path"]) for s in shards]
+            self.index_paths = [self.dir / s["index"] for s in shards]
+            self.counts = np.array([int(s["samples"]) for s in shards], dtype=np.int64)
+            self.caption_key, self.label_key = data.get("caption_key"), data.get("label_key")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path} is not an index written by `dpcap data index`: {exc!r}") from None
+        if not shards:
+            raise DataError(f"{path} lists no shards")
+        self.names = [p.name for p in self.shard_paths]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -77,7 +103,7 @@ class ShardIndex:
             self._maps.move_to_end(shard)
             return self._maps[shard]
         n = int(self.counts[shard])
-        path = index_path(self.shard_paths[shard])
+        path = self.index_paths[shard]
         if n == 0:
             rows = np.empty((0, len(INDEX_COLUMNS)), dtype=INDEX_DTYPE)
         else:
@@ -140,7 +166,10 @@ def _read_sizes(path: Path) -> dict[str, int]:
     try:
         sizes = json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise DataError(f"{path} not found: not a shard folder (build one with `dpcap data build`)") from None
+        raise DataError(
+            f"{path} not found: not a shard folder (build one with `dpcap data build`, or index existing "
+            "WebDataset shards with `dpcap data index SRC… --out DIR`)"
+        ) from None
     except NotADirectoryError:
         raise DataError(f"{path.parent} is a file, not a shard folder: give {ACCEPTED}") from None
     except ValueError as exc:
@@ -153,10 +182,9 @@ def _read_sizes(path: Path) -> dict[str, int]:
     return sizes
 
 
-def _check_shard(path: Path, count: int) -> None:
+def _check_shard(path: Path, idx: Path, count: int) -> None:
     if not path.is_file():
-        raise DataError(f"shard {path} listed in {SIZES_FILE} is missing")
-    idx = index_path(path)
+        raise DataError(f"shard {path} listed in {idx.parent} is missing")
     try:
         size = idx.stat().st_size
     except FileNotFoundError:

@@ -209,17 +209,23 @@ class SampleReader:
     def _decode(self, fd: int, row: list[int]) -> tuple[torch.Tensor, str, dict]:
         """One pread for the sample's three members, then caption → meta → image (cheapest first)."""
         img_off, img_len, txt_off, txt_len, meta_off, meta_len = row
-        start = min(img_off, txt_off, meta_off)
-        buf = os.pread(fd, max(img_off + img_len, txt_off + txt_len, meta_off + meta_len) - start, start)
+        present = [(off, size) for off, size in ((img_off, img_len), (txt_off, txt_len), (meta_off, meta_len)) if size]
+        start = min(off for off, _ in present)  # size 0: the member is absent (in-place indexes)
+        buf = os.pread(fd, max(off + size for off, size in present) - start, start)
         image, text, meta = (
-            _member(buf, off - start, size, reason)
+            _member(buf, off - start, size, reason) if size else b""
             for off, size, reason in (
                 (img_off, img_len, "corrupt_image"),
                 (txt_off, txt_len, "bad_caption"),
                 (meta_off, meta_len, "bad_meta"),
             )
         )
-        caption, meta_dict = decode_caption(text), decode_meta(meta)
+        meta_dict = decode_meta(meta) if meta_len else {}
+        if txt_len:
+            caption = decode_caption(text)
+        else:  # an in-place index whose caption lives in the JSON member
+            value = meta_dict.get(self.index.caption_key or "caption")
+            caption = decode_caption(value.encode("utf-8") if isinstance(value, str) else b"")
         return self.transform(decode_image(image)), caption, meta_dict
 
     def _assemble(self, kept: list[tuple[int, torch.Tensor, str, dict]], skipped: dict[str, int]) -> Batch:
