@@ -36,13 +36,47 @@ _BRACE = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
+# The in-place index's row (`dpcap data index`): 32 bytes per sample. Text and JSON members are
+# located relative to the image (deltas fit: members of one sample lie within 2 GiB of each other in
+# any real shard), a size of 0 means "absent", and a `.cls` label is stored as its value (-1: none).
+WDS_ROW_DTYPE = np.dtype(
+    [
+        ("image_offset", "<u8"),
+        ("image_size", "<u4"),
+        ("txt_delta", "<i4"),
+        ("txt_size", "<u4"),
+        ("json_delta", "<i4"),
+        ("json_size", "<u4"),
+        ("cls", "<i4"),
+    ]
+)
+
+
+def absolute_rows(raw: np.ndarray) -> np.ndarray:
+    """``(k, 6)`` uint64 rows of :data:`dpcap.data.build.INDEX_COLUMNS` from compact `WDS_ROW_DTYPE` rows."""
+    image = raw["image_offset"].astype(np.int64)
+    columns = (
+        image,
+        raw["image_size"],
+        np.where(raw["txt_size"] > 0, image + raw["txt_delta"], 0),
+        raw["txt_size"],
+        np.where(raw["json_size"] > 0, image + raw["json_delta"], 0),
+        raw["json_size"],
+    )
+    return np.stack([np.asarray(c, dtype=np.int64) for c in columns], axis=-1).astype(INDEX_DTYPE)
+
+
 class ShardGroup(NamedTuple):
-    """The requested ids that live in one shard, sorted, with their index rows ``(k, 6)``."""
+    """The requested ids that live in one shard, sorted, with their index rows ``(k, 6)``.
+
+    `labels` holds the `.cls` label of each (-1 where none) for an in-place index, else None.
+    """
 
     shard: int
     path: Path
     ids: np.ndarray
     rows: np.ndarray
+    labels: np.ndarray | None = None
 
 
 class ShardIndex:
@@ -58,7 +92,8 @@ class ShardIndex:
         # A caption stored only in the JSON member (txt size 0) is read from this field (in-place indexes).
         self.caption_key: str | None = None
         self.label_key: str | None = None
-        if (self.dir / WDS_INDEX_FILE).is_file():
+        self.in_place = (self.dir / WDS_INDEX_FILE).is_file()  # rows are WDS_ROW_DTYPE, shards live elsewhere
+        if self.in_place:
             self._load_wds_index(self.dir / WDS_INDEX_FILE)
         else:
             sizes = _read_sizes(self.dir / SIZES_FILE)
@@ -69,8 +104,9 @@ class ShardIndex:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.max_open = max_open
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        row_bytes = WDS_ROW_DTYPE.itemsize if self.in_place else ROW_BYTES
         for path, idx, count in zip(self.shard_paths, self.index_paths, self.counts):
-            _check_shard(path, idx, int(count))
+            _check_shard(path, idx, int(count), row_bytes)
 
     def _load_wds_index(self, path: Path) -> None:
         """Shards, counts and index files of an in-place index of existing tars (`dpcap data index`)."""
@@ -97,21 +133,23 @@ class ShardIndex:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": OrderedDict()}
 
-    def rows(self, shard: int) -> np.ndarray:
-        """The ``(n, 6)`` uint64 index of one shard, memory-mapped (read-only)."""
+    def raw_rows(self, shard: int) -> np.ndarray:
+        """One shard's index as stored, memory-mapped (read-only): ``(n, 6)`` uint64, or ``(n,)`` `WDS_ROW_DTYPE`."""
         if shard in self._maps:
             self._maps.move_to_end(shard)
             return self._maps[shard]
-        n = int(self.counts[shard])
-        path = self.index_paths[shard]
-        if n == 0:
-            rows = np.empty((0, len(INDEX_COLUMNS)), dtype=INDEX_DTYPE)
-        else:
-            rows = np.memmap(path, dtype=INDEX_DTYPE, mode="r", shape=(n, len(INDEX_COLUMNS)))
+        n, path = int(self.counts[shard]), self.index_paths[shard]
+        dtype, shape = (WDS_ROW_DTYPE, (n,)) if self.in_place else (INDEX_DTYPE, (n, len(INDEX_COLUMNS)))
+        rows = np.memmap(path, dtype=dtype, mode="r", shape=shape) if n else np.empty(shape, dtype=dtype)
         self._maps[shard] = rows
         if len(self._maps) > self.max_open:
             self._maps.popitem(last=False)
         return rows
+
+    def rows(self, shard: int) -> np.ndarray:
+        """The ``(n, 6)`` uint64 rows (:data:`dpcap.data.build.INDEX_COLUMNS`) of one shard."""
+        raw = self.raw_rows(shard)
+        return absolute_rows(raw) if self.in_place else raw
 
     def shard_of(self, ids: np.ndarray) -> np.ndarray:
         """Shard number of each global id (ids must be in range)."""
@@ -119,9 +157,8 @@ class ShardIndex:
 
     def locate(self, global_id: int) -> tuple[Path, np.ndarray]:
         """``(shard_path, row)`` of one global id; ``IndexError`` when out of range."""
-        g = self._check_ids(np.asarray([global_id]))[0]
-        s = int(self.shard_of(g))
-        return self.shard_paths[s], np.array(self.rows(s)[g - self.starts[s]])
+        group = self.locate_many([global_id])[0]
+        return group.path, np.array(group.rows[0])
 
     def locate_many(self, ids: np.ndarray | list[int]) -> list[ShardGroup]:
         """Group ids by shard (shard order), each group sorted by id, which is also offset order."""
@@ -131,8 +168,11 @@ class ShardIndex:
         groups = []
         for part in np.split(np.arange(len(ids)), cuts) if len(ids) else []:
             s = int(shards[part[0]])
-            local = ids[part] - self.starts[s]
-            groups.append(ShardGroup(s, self.shard_paths[s], ids[part], np.asarray(self.rows(s)[local])))
+            raw = np.asarray(self.raw_rows(s)[ids[part] - self.starts[s]])
+            if self.in_place:  # convert only the rows asked for
+                groups.append(ShardGroup(s, self.shard_paths[s], ids[part], absolute_rows(raw), raw["cls"]))
+            else:
+                groups.append(ShardGroup(s, self.shard_paths[s], ids[part], raw))
         return groups
 
     def _check_ids(self, ids: np.ndarray) -> np.ndarray:
@@ -182,12 +222,12 @@ def _read_sizes(path: Path) -> dict[str, int]:
     return sizes
 
 
-def _check_shard(path: Path, idx: Path, count: int) -> None:
+def _check_shard(path: Path, idx: Path, count: int, row_bytes: int) -> None:
     if not path.is_file():
         raise DataError(f"shard {path} listed in {idx.parent} is missing")
     try:
         size = idx.stat().st_size
     except FileNotFoundError:
         raise DataError(f"index file {idx} for shard {path.name} is missing") from None
-    if size != count * ROW_BYTES:
-        raise DataError(f"index file {idx} holds {size} bytes, expected {count * ROW_BYTES} for {count} samples")
+    if size != count * row_bytes:
+        raise DataError(f"index file {idx} holds {size} bytes, expected {count * row_bytes} for {count} samples")

@@ -199,11 +199,16 @@ class SampleReader:
         skipped: Counter[str] = Counter()
         for group in self.index.locate_many(np.asarray(ids)):
             fd = self._fd(group.shard)
-            for gid, row in zip(group.ids.tolist(), group.rows.tolist()):
+            labels = group.labels.tolist() if group.labels is not None else [-1] * len(group.ids)
+            for gid, row, label in zip(group.ids.tolist(), group.rows.tolist(), labels):
                 try:
-                    kept.append((gid, *self._decode(fd, row)))
+                    image, caption, meta = self._decode(fd, row)
                 except _BadSample as bad:
                     skipped[bad.args[0]] += 1
+                    continue
+                if label >= 0:  # a webdataset `.cls` member, indexed in place
+                    meta = {**meta, "cls": label}
+                kept.append((gid, image, caption, meta))
         return self._assemble(kept, dict(sorted(skipped.items())))
 
     def _decode(self, fd: int, row: list[int]) -> tuple[torch.Tensor, str, dict]:

@@ -2,8 +2,9 @@
 
 ``dpcap data index SRC… --out INDEX_DIR`` writes, into INDEX_DIR only (sources may be read-only)::
 
-    000000.idx  000000.json     per shard: the (n, 6) uint64 rows of dpcap.data.build's index format,
-    000001.idx  000001.json     and a record of what was indexed (path, size, mtime, counts)
+    000000.idx  000000.json     per shard: n rows of dpcap.data.index.WDS_ROW_DTYPE (32 bytes a sample:
+    000001.idx  000001.json     member offsets and sizes, the .cls label) and a record of what was
+                                indexed (path, size, mtime, counts)
     shards.json                 {"format", "caption_key", "label_key", "shards": [{"path", "index",
                                  "samples"}], "skipped": {reason: count}, "truncated": [paths]}
 
@@ -33,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from dpcap.data.build import INDEX_COLUMNS, INDEX_DTYPE
-from dpcap.data.index import WDS_INDEX_FILE
+from dpcap.data.index import WDS_INDEX_FILE, WDS_ROW_DTYPE
 from dpcap.errors import ConfigError, DataError
 
 WDS_INDEX_FORMAT = "dpcap-wds-index-1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_I32_MIN, _I32_MAX, _U32_MAX = -(2**31), 2**31 - 1, 2**32 - 1
 _BRACE_CHARS = ("{", "}")
 
 
@@ -103,10 +104,32 @@ def index_tar(path: Path, caption_key: str) -> dict[str, Any]:
             if image is None or not has_caption:
                 skipped["missing_image" if image is None else "missing_caption"] += 1
                 continue
-            txt = txt if txt is not None and txt[1] > 0 else (0, 0)
-            rows.append([*image, *txt, *(meta or (0, 0))])
-    array = np.asarray(rows, dtype=INDEX_DTYPE).reshape(-1, len(INDEX_COLUMNS))
-    return {"rows": array, "skipped": dict(skipped), "truncated": truncated, "size": size}
+            row = _compact_row(image, txt if txt is not None and txt[1] > 0 else None, meta, _cls(handle, parts))
+            if row is None:
+                skipped["members_too_far"] += 1
+                continue
+            rows.append(row)
+    return {"rows": np.array(rows, dtype=WDS_ROW_DTYPE), "skipped": dict(skipped), "truncated": truncated}
+
+
+def _compact_row(image: tuple[int, int], txt: tuple[int, int] | None, meta: tuple[int, int] | None, cls: int):
+    """One `WDS_ROW_DTYPE` record, or None when a member lies more than 2 GiB from the image."""
+    deltas = [(m[0] - image[0], m[1]) if m is not None and m[1] > 0 else (0, 0) for m in (txt, meta)]
+    if any(not _I32_MIN <= d <= _I32_MAX for d, _ in deltas) or max(image[1], *(n for _, n in deltas)) > _U32_MAX:
+        return None
+    return (image[0], image[1], *deltas[0], *deltas[1], cls)
+
+
+def _cls(handle: Any, parts: dict[str, tuple[int, int]]) -> int:
+    """The integer in a `.cls` member (webdataset's class label), or -1 when absent or not a 32-bit integer."""
+    member = parts.get("cls")
+    if member is None or not 0 < member[1] <= 32:
+        return -1
+    try:
+        value = int(os.pread(handle.fileno(), member[1], member[0]).decode("ascii").strip())
+    except (ValueError, UnicodeDecodeError):
+        return -1
+    return value if 0 <= value <= _I32_MAX else -1
 
 
 def _json_has(handle: Any, member: tuple[int, int] | None, key: str) -> bool:
@@ -131,7 +154,7 @@ def _index_one(job: tuple[int, str, str, str]) -> dict[str, Any]:
         if (record["path"], record["bytes"], record["mtime_ns"]) == (str(path), stat.st_size, stat.st_mtime_ns):
             return record
     result = index_tar(path, caption_key)
-    index_name = f"{number:06d}.idx"
+    index_name = f"{number:06d}.idx"  # rows as bytes: a memory-mappable array of WDS_ROW_DTYPE
     _atomic_write(out_dir / index_name, result["rows"].tobytes())
     record = {
         "path": str(path),

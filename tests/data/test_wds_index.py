@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dpcap.cli import main
-from dpcap.data.index import ShardIndex
+from dpcap.data.index import ShardIndex, absolute_rows
 from dpcap.data.reader import SampleReader, image_transform
 from dpcap.data.wds_index import build_wds_index, expand_sources, index_tar
 from tests.conftest import train_overrides
@@ -39,7 +39,8 @@ def write_img2dataset(folder: Path) -> dict[str, int]:
     with wds.TarWriter(str(folder / "00000.tar"), mtime=0) as sink:  # 4 ordinary samples
         for i in range(4):
             key = f"00000{i:04d}"
-            sink.write({"__key__": key, "jpg": jpeg(i), "txt": f"a photo number {i}", "json": meta(key, None)})
+            sample = {"__key__": key, "jpg": jpeg(i), "txt": f"a photo number {i}", "json": meta(key, None)}
+            sink.write(sample | {"cls": str(7 + i).encode()})  # a class label, as webdataset writes one
     with wds.TarWriter(str(folder / "00001.tar"), mtime=0) as sink:
         for i in range(3):  # captions only in the JSON
             key = f"00001{i:04d}"
@@ -91,7 +92,9 @@ def test_index_counts_what_it_leaves_out_and_never_touches_the_source(source, tm
 def test_rows_point_at_the_members_bytes(source):
     """Each row's offsets give back the exact member bytes that tarfile itself reads (independent oracle)."""
     folder, _ = source
-    rows = index_tar(folder / "00001.tar", "caption")["rows"]
+    compact = index_tar(folder / "00001.tar", "caption")["rows"]
+    assert compact.dtype.itemsize == 32 and (compact["cls"] == -1).all()
+    rows = absolute_rows(compact)
     with tarfile.open(folder / "00001.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     data = (folder / "00001.tar").read_bytes()
@@ -109,6 +112,8 @@ def test_reader_takes_json_captions_and_skips_the_corrupt_image(source, tmp_path
     assert batch.skipped == {"corrupt_image": 1} and len(batch) == expected["samples"] - 1
     assert {"json caption 0", "json caption 2", "members out of order", "a photo number 3"} <= set(batch.captions)
     assert batch.images.shape == (expected["samples"] - 1, 3, 16, 16)
+    labels = {c: m.get("cls") for c, m in zip(batch.captions, batch.meta)}
+    assert labels["a photo number 0"] == 7 and labels["a photo number 3"] == 10 and labels["in between"] is None
 
 
 def test_resume_reuses_finished_shards(source, tmp_path):
@@ -139,7 +144,7 @@ def test_cli_index_stats_and_train_on_the_index(source, tmp_path, capsys):
     assert main(["data", "stats", str(out), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["samples"] == expected["samples"] and stats["skipped"]["missing_image"] == 1
-    assert stats["index_bytes"] == 48 * expected["samples"]
+    assert stats["index_bytes"] == 32 * expected["samples"]  # at most 32 bytes of index per sample
     overrides = train_overrides(out, tmp_path / "run", **{"train.steps": 2, "train.batch_size": 4})
     assert main(["train", *overrides, "--json"]) == 0
     run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
