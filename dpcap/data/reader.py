@@ -351,6 +351,70 @@ class MicroBatchLoader:
         return iter(loader)
 
 
+class _ReadIds(Dataset):
+    """A map-style dataset whose index is the id array itself: a worker reads whatever list it is sent."""
+
+    def __init__(self, reader: SampleReader) -> None:
+        self.reader = reader
+
+    def __getitem__(self, ids: np.ndarray) -> Batch:
+        return self.reader.read(ids)
+
+    def __len__(self) -> int:  # never used for sampling: the id lists come from `_StepIdLists`
+        return len(self.reader)
+
+
+class _StepIdLists:
+    """The current step's micro-batch id lists, iterated (in the main process) by a persistent DataLoader."""
+
+    def __init__(self) -> None:
+        self.id_lists: list[np.ndarray] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.id_lists)
+
+    def __len__(self) -> int:
+        return len(self.id_lists)
+
+
+class StepLoader:
+    """Micro-batches of one logical step after another, read by worker processes started once per run.
+
+    `MicroBatchLoader` starts its workers for every id list it is given; a training run asks for a
+    new step's micro-batches thousands of times, and at a few hundred samples a step the start-up
+    dominates (benchmarks/data_index.py). Here the workers persist: each step only sends them its id
+    lists, in order, and receives the batches in that order. `close()` stops them.
+    """
+
+    def __init__(self, reader: SampleReader, num_workers: int, *, pin_memory: bool = False) -> None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ConfigError(f"StepLoader needs num_workers >= 1, got {num_workers!r}")
+        self.reader = reader
+        self._lists = _StepIdLists()
+        self.loader = DataLoader(
+            _ReadIds(reader),
+            batch_size=None,
+            sampler=self._lists,
+            num_workers=num_workers,
+            collate_fn=_keep,
+            pin_memory=pin_memory,
+            persistent_workers=True,
+        )
+
+    def step(self, id_lists: Sequence[np.ndarray]) -> Iterator[Batch]:
+        """The batches of `id_lists`, in order (an empty step reads nothing and wakes no worker)."""
+        if self.loader is None:
+            raise ConfigError("this StepLoader is closed")
+        self._lists.id_lists = list(id_lists)
+        if not self._lists.id_lists:
+            return iter(())
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Drop the loader: its iterator stops the worker processes when it is collected."""
+        self.loader = None
+
+
 # ---------------------------------------------------------------- sequential passes
 
 

@@ -19,7 +19,14 @@ import torch
 
 from dpcap.config import RunConfig, save_config, to_dict
 from dpcap.data.index import ShardIndex
-from dpcap.data.reader import MicroBatchLoader, SampleReader, image_transform, rank_share, split_micro_batches
+from dpcap.data.reader import (
+    MicroBatchLoader,
+    SampleReader,
+    StepLoader,
+    image_transform,
+    rank_share,
+    split_micro_batches,
+)
 from dpcap.data.sampler import PoissonSampler
 from dpcap.errors import BudgetExceededError, ConfigError
 from dpcap.model import create_captioner, get_tokenizer
@@ -229,6 +236,8 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
 
     clipper = Clipper(model, plan.max_grad_norm) if plan.sigma > 0 else None
     sampler = PoissonSampler(plan.num_samples, plan.sample_rate, state.sampler_seed)
+    # Reader workers live for the whole run (a new pool every step would cost more than the reading).
+    step_loader = StepLoader(reader, config.data.num_workers) if config.data.num_workers > 0 else None
     writer = MetricWriter(
         run_dir,
         total_steps=config.train.steps,
@@ -251,9 +260,8 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, config)
                 ids = rank_share(sampler.indices(step), world.rank, world.world_size)
-                batches = MicroBatchLoader(
-                    reader, split_micro_batches(ids, config.train.micro_batch_size), num_workers=config.data.num_workers
-                )
+                micro_batches = split_micro_batches(ids, config.train.micro_batch_size)
+                batches = step_loader.step(micro_batches) if step_loader else MicroBatchLoader(reader, micro_batches)
                 if world.is_main:  # the only noise draw of the step happens on rank 0 (invariant 3)
                     generator = _noise_generator(config.privacy.insecure_noise_seed, step, device, generator)
                 stats = logical_step(
@@ -309,6 +317,8 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
                     break
     finally:
         writer.close()
+        if step_loader is not None:
+            step_loader.close()
     spent = ledger.epsilon(plan.delta, accountant=plan.accountant) if plan.sigma > 0 else math.inf
     if world.is_main:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")

@@ -16,6 +16,7 @@ from dpcap.data.index import ShardIndex
 from dpcap.data.reader import (
     MicroBatchLoader,
     SampleReader,
+    StepLoader,
     image_transform,
     rank_share,
     read_all,
@@ -227,6 +228,25 @@ def test_loader_with_two_workers_matches_inline(shards: Path) -> None:
     assert inline[0].skipped == {"corrupt_image": 1}
     workers = list(MicroBatchLoader(reader, id_lists, num_workers=2))
     assert_same_batches(inline, workers)
+
+
+def test_step_loader_keeps_its_workers_across_steps_and_matches_inline(shards: Path) -> None:
+    overwrite_member(shards, 4, 0, b"broken")
+    reader = make_reader(shards)
+    steps = [[np.array([9, 1, 4]), np.array([12])], [], [np.arange(N_SAMPLES), np.array([3, 2])], [np.array([5])]]
+    loader = StepLoader(reader, 2)
+    pids = set()
+    for id_lists in steps:
+        got = list(loader.step(id_lists))
+        assert_same_batches(list(MicroBatchLoader(reader, id_lists)), got)
+        if id_lists:  # the same worker processes serve every step
+            pids.update(w.pid for w in loader.loader._iterator._workers)
+    assert len(pids) == 2
+    loader.close()
+    with pytest.raises(ConfigError, match="closed"):
+        loader.step([np.array([1])])
+    with pytest.raises(ConfigError, match="num_workers"):
+        StepLoader(reader, 0)
 
 
 # ---------------------------------------------------------------- sequential passes

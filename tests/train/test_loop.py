@@ -119,3 +119,16 @@ def test_corrupt_sample_is_skipped_and_counted_without_changing_n(tiny_shards, t
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["skipped"] == 1 and record["batch_size"] == 47  # q = 1: every other sample was used
     assert result["num_samples"] == 48 and result["sample_rate"] == 1.0  # N and q are those of sizes.json
+
+
+def test_reader_workers_kept_for_the_run_give_the_same_weights(tiny_shards, tmp_path):
+    """data.num_workers = 2 (one persistent worker pool a run) reads exactly what the inline reader reads."""
+    inline = train(load_config(None, train_overrides(tiny_shards, tmp_path / "inline", **{"train.steps": 3})))
+    pooled = train(
+        load_config(
+            None, train_overrides(tiny_shards, tmp_path / "pooled", **{"train.steps": 3, "data.num_workers": 2})
+        )
+    )
+    assert inline["step"] == pooled["step"] == 3
+    a, b = weights(tmp_path / "inline"), weights(tmp_path / "pooled")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
