@@ -2,9 +2,8 @@
 
 One 2-task CPU job (gloo) trains a few DP steps; one is sent SIGUSR1 mid-run, stops at a step
 boundary, requeues itself and finishes exactly like the uninterrupted run; one runs out of ε budget
-(exit 3) and is not requeued. The cluster comes from ../shared/tools/start_local_slurm.sh beside
-the checkout (it installs the Debian packages when missing); it is stopped at the end if this
-session started it.
+(exit 3) and is not requeued. The cluster comes from the repo's slurm/local/start_local_slurm.sh
+(it installs the Debian packages when missing); it is stopped at the end if this session started it.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from tests.conftest import train_overrides
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = REPO.parent / "shared" / "tools"
+TOOLS = REPO / "slurm" / "local"  # the local cluster bring-up travels with the repo
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 STEPS = 8
 SIGMA, Q, DELTA = 1.0, 16 / 48, 1 / 48  # train_overrides: σ = 1, batch 16 of N = 48, δ = 1/N
@@ -45,7 +44,7 @@ def _slurm_up() -> bool:
 def local_slurm():
     """A single-node slurm on loopback; reuses one that is already up (and then leaves it up)."""
     if not (TOOLS / "start_local_slurm.sh").is_file():
-        pytest.skip(f"no {TOOLS}/start_local_slurm.sh (shared/ is expected beside the checkout)")
+        pytest.skip(f"no {TOOLS}/start_local_slurm.sh")
     if os.geteuid() != 0:
         pytest.skip("the local slurm cluster must be started as root")
     started = not _slurm_up()
