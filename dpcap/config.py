@@ -44,8 +44,8 @@ class ModelConfig:
     text_layers: int | None = None
     text_heads: int | None = None
     context_length: int | None = None
-    # Caption vocabulary: "clip" (open_clip's 49,408 BPE ids, the default) or "clip16k" (its first 16,384
-    # ids + one unknown; see dpcap/data/vocab.py). None keeps the size's default.
+    # Caption vocabulary: "clip" (open_clip's 49,408 BPE ids, the default), "clip16k" (its first 16,384 ids
+    # + one unknown) or "unicode" (the tokens of Unicode's character names; see dpcap/data/vocab.py).
     vocab: str | None = None
     bias: bool | None = None
     # Parameters whose names start with one of these prefixes stay at their (public) initial values:

@@ -91,7 +91,6 @@ class ShardIndex:
         self.dir = Path(shard_dir)
         # A caption stored only in the JSON member (txt size 0) is read from this field (in-place indexes).
         self.caption_key: str | None = None
-        self.label_key: str | None = None
         self.in_place = (self.dir / WDS_INDEX_FILE).is_file()  # rows are WDS_ROW_DTYPE, shards live elsewhere
         if self.in_place:
             self._load_wds_index(self.dir / WDS_INDEX_FILE)
@@ -116,7 +115,7 @@ class ShardIndex:
             self.shard_paths = [Path(s["path"]) for s in shards]
             self.index_paths = [self.dir / s["index"] for s in shards]
             self.counts = np.array([int(s["samples"]) for s in shards], dtype=np.int64)
-            self.caption_key, self.label_key = data.get("caption_key"), data.get("label_key")
+            self.caption_key = data.get("caption_key")
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path} is not an index written by `dpcap data index`: {exc!r}") from None
         if not shards:

@@ -1,7 +1,7 @@
 """Caption tokenizer: open_clip's bundled BPE at a fixed length, with a separate loss mask.
 
 A tokenized caption is ``[SOT, bpe…, EOT, pad, pad, …]`` in the ids of a `Vocabulary` (``clip``:
-open_clip's own ids; ``clip16k``: its first 16,384 ids and one unknown id, see `dpcap.data.vocab`). Under
+open_clip's own ids; ``clip16k`` and ``unicode``: compact ones with an unknown id, see `dpcap.data.vocab`). Under
 ``clip`` the pad id 0 is a real BPE token ("!"), so padding can never be told apart from text by
 its value: the loss mask is derived from the position of the first EOT instead (`target_mask`).
 """
@@ -29,7 +29,8 @@ class CaptionTokenizer:
 
     Args:
         context_length: total length of each row, SOT and EOT included (at least 2).
-        vocab: ``"clip"`` (open_clip's 49,408 ids) or ``"clip16k"`` (its first 16,384 ids + unknown).
+        vocab: ``"clip"`` (open_clip's 49,408 ids), ``"clip16k"`` (its first 16,384 ids + unknown) or
+            ``"unicode"`` (the tokens of Unicode's character names + unknown).
     """
 
     def __init__(self, context_length: int, vocab: str = "clip") -> None:
@@ -100,9 +101,9 @@ class CaptionTokenizer:
             clip_id = self.vocabulary.to_clip(t)
             if clip_id is not None:
                 run.append(clip_id)
-                continue
-            pieces += [self._bpe.decode(run), UNK_TEXT + " "]
-            run = []
+            elif t == self.vocabulary.unk_id:  # the other special ids (pad) carry no text
+                pieces += [self._bpe.decode(run), UNK_TEXT + " "]
+                run = []
         return " ".join("".join([*pieces, self._bpe.decode(run)]).split())
 
 

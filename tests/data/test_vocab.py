@@ -101,3 +101,11 @@ def test_generate_never_emits_the_unknown_id() -> None:
         model.decoder.head.bias[1] = 100.0
     generated = model.generate(torch.zeros(3, 3, 32, 32))
     assert not bool((generated == 1).any()) and bool((generated[:, 0] == 2).all())
+
+
+def test_unicode_decode_drops_pad_and_marks_only_unknown() -> None:
+    tok = CaptionTokenizer(12, vocab="unicode")
+    row = tok(["a cat"])[0].tolist()
+    end = row.index(tok.eot_id)
+    padded_inside = row[:end] + [tok.pad_id, 1] + row[end:]  # a pad and an unknown before EOT
+    assert tok.decode([padded_inside]) == ["a cat <unk>"]
