@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dpcap.data.index import WDS_ROW_DTYPE
+from dpcap.data.layout import WDS_ROW_DTYPE
 from dpcap.data.reader import MicroBatchLoader, SampleReader, StepLoader, image_transform, split_micro_batches
 from dpcap.data.sampler import PoissonSampler
 from dpcap.data.wds_index import build_wds_index

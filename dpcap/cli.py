@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--where", action="append", default=[], metavar="FIELD=VALUE", help="keep manifest rows matching"
     )
-    build.add_argument("--overwrite", action="store_true")
+    build.add_argument("--overwrite", action="store_true", help="replace a finished build (an unfinished one resumes)")
+    build.add_argument("--workers", type=int, default=1, help="processes decoding and validating images")
     _add_json(build)
     index = data.add_parser(
         "index", help="index existing WebDataset shards in place (tar headers only; the shards are not copied)"
@@ -180,6 +181,7 @@ def _cmd_data(args: argparse.Namespace) -> dict:
             max_caption_chars=args.max_caption_chars,
             where=where,
             overwrite=args.overwrite,
+            workers=args.workers,
         )
     if args.data_command == "index":
         from dpcap.data.wds_index import build_wds_index

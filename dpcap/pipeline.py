@@ -74,10 +74,12 @@ def encoder_for_probe(spec: str | torch.nn.Module, *, use_ema: bool = False) -> 
 
 
 def _features(model, data_dir: str, label: str, pool: str) -> tuple[torch.Tensor, list]:
-    """Features + labels of a shard folder (label = a metadata field) or an ImageFolder tree (label = folder)."""
+    """Features + labels of a shard folder or in-place index (label = a metadata field, or ``cls`` for
+    WebDataset ``.cls`` members) or of an ImageFolder tree (label = folder)."""
+    from dpcap.data.layout import is_shard_folder
     from dpcap.eval.features import imagefolder_features, labelled_features
 
-    if (Path(data_dir) / "sizes.json").is_file():
+    if is_shard_folder(data_dir):
         data = labelled_features(model, data_dir, label_key=label, pool=pool, batch_size=256)
     else:
         data = imagefolder_features(model, data_dir, pool=pool)

@@ -10,7 +10,14 @@ Sources
 Every sample is validated before it is written: the image must decode fully with PIL (``load()``, then
 ``convert("RGB")``) and the caption must be valid UTF-8, non-empty after ``strip()`` and at most
 ``max_caption_chars`` characters. Bad samples are skipped and counted by reason (:data:`SKIP_REASONS`).
-Samples are visited in a deterministic order (sorted relative paths; manifest row order).
+Samples are visited in a deterministic order: a folder depth-first, names sorted at each level (a
+folder's own files, grouped by stem, before its subfolders); a manifest in row order. Both are
+streamed: memory grows with the largest single folder, never with the data set.
+
+``workers > 1`` decodes and validates in that many processes; the output is the same bytes as with
+one. A killed build resumes: each finished shard is recorded in ``.build-state.json`` with the
+number of source entries it consumed, and a new run with the same source and options continues
+after the last recorded shard (``overwrite`` starts again from nothing).
 
 Shard format
 ------------
@@ -45,23 +52,33 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpcap.data.layout import (
+    INDEX_COLUMNS,
+    INDEX_DTYPE,
+    SHARD_PREFIX,
+    SIZES_FILE,
+    WDS_INDEX_FILE,
+    index_path,
+    shard_name,
+)
 from dpcap.errors import ConfigError, DataError
 
-SIZES_FILE = "sizes.json"
-SHARD_PREFIX = "shard-"
-INDEX_DTYPE = np.dtype("<u8")
-INDEX_COLUMNS = ("image_offset", "image_size", "txt_offset", "txt_size", "json_offset", "json_size")
+BUILD_STATE_FILE = ".build-state.json"
+BUILD_STATE_FORMAT = 1
+_CHUNK_PER_WORKER = 64  # candidates validated per worker per round: bounds memory, keeps workers busy
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 KEPT_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 SKIP_REASONS = (
@@ -90,16 +107,6 @@ class _Skip(Exception):
     """A sample fails validation; ``args[0]`` is the reason."""
 
 
-def shard_name(i: int) -> str:
-    """The file name of shard ``i`` (``shard-000000.tar``)."""
-    return f"{SHARD_PREFIX}{i:06d}.tar"
-
-
-def index_path(shard_path: Path) -> Path:
-    """The index file that belongs to a shard (``shard-000000.tar`` → ``shard-000000.idx``)."""
-    return shard_path.with_suffix(".idx")
-
-
 def build_shards(
     src: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -108,38 +115,114 @@ def build_shards(
     max_caption_chars: int = 1000,
     where: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    workers: int = 1,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Validate every sample of ``src`` and write the valid ones as shards into ``out_dir``.
 
     ``where`` keeps only samples whose metadata field equals the given value (compared as given, or
     as strings); filtered-out samples are neither written nor counted as skipped (rows too broken to
-    filter are counted as ``bad_manifest_row``).
-    Returns ``{"written", "skipped": {reason: count}, "shards", "out"}``.
+    filter are counted as ``bad_manifest_row``). An unfinished build of the same source and options
+    in ``out_dir`` is resumed after its last whole shard.
+    Returns ``{"written", "skipped": {reason: count}, "shards", "out", "resumed_shards"}``.
     """
     _check_positive("samples_per_shard", samples_per_shard)
     _check_positive("max_caption_chars", max_caption_chars)
+    _check_positive("workers", workers)
     src, out = Path(src), Path(out_dir)
     candidates = _source_candidates(src)
-    _prepare_out(out, overwrite)
-    skipped: Counter[str] = Counter()
-    with _ShardWriter(out, samples_per_shard) as writer:
-        for cand in candidates:
-            if cand.meta is not None and not _matches(cand.meta, where):
-                continue
-            try:
-                writer.add(*_validate(cand, max_caption_chars))
-            except _Skip as skip:
-                skipped[skip.args[0]] += 1
+    identity = _build_identity(src, samples_per_shard, max_caption_chars, where)
+    state = _prepare_out(out, overwrite, identity)
+    skipped: Counter[str] = Counter(state["skipped"])
+    consumed = state["consumed"]
+    with _ShardWriter(out, samples_per_shard, state["sizes"]) as writer, _progress_bar(progress, consumed) as bar:
+        for position, result in _validated(_kept(candidates, consumed, where, bar), max_caption_chars, workers):
+            bar.update(1)
+            if isinstance(result, str):
+                skipped[result] += 1
+            elif writer.add(*result):
+                _write_state(out, identity, position, writer.sizes, skipped)
         sizes = writer.finish()
+        bar.set_postfix(written=writer.next_id, skipped=sum(skipped.values()))
     if not sizes:
         raise DataError(f"no valid samples in {src} (skipped: {dict(sorted(skipped.items()))})")
     _atomic_write_bytes(out / SIZES_FILE, json.dumps(sizes, indent=1).encode("utf-8"))
+    (out / BUILD_STATE_FILE).unlink(missing_ok=True)
     return {
         "written": sum(sizes.values()),
         "skipped": dict(sorted(skipped.items())),
         "shards": len(sizes),
         "out": str(out),
+        "resumed_shards": len(state["sizes"]),
     }
+
+
+def _kept(candidates: Iterator[_Candidate], start: int, where: Any, bar: Any) -> Iterator[tuple[int, _Candidate]]:
+    """``(position, candidate)`` after the first ``start`` entries (position counts every source entry,
+    filtered or not, from 1), without those ``where`` filters out."""
+    for position, cand in enumerate(itertools.islice(candidates, start, None), start=start + 1):
+        if cand.meta is not None and not _matches(cand.meta, where):
+            bar.update(1)
+            continue
+        yield position, cand
+
+
+def _progress_bar(enabled: bool, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="building shards", unit=" samples", initial=initial, disable=not enabled)
+
+
+def _validated(
+    candidates: Iterator[tuple[int, _Candidate]], max_caption_chars: int, workers: int
+) -> Iterator[tuple[int, tuple[str, bytes, bytes, dict[str, Any]] | str]]:
+    """``(position, validated sample or skip reason)`` in source order, decoded by ``workers`` processes.
+
+    Candidates go to the pool one bounded chunk at a time (``Executor.map`` would submit the whole
+    source at once, which for a LAION-sized manifest does not fit in memory).
+    """
+    check = _ValidateOrReason(max_caption_chars)
+    if workers == 1:
+        yield from ((i, check(c)) for i, c in candidates)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        while chunk := list(itertools.islice(candidates, workers * _CHUNK_PER_WORKER)):
+            positions, cands = zip(*chunk, strict=True)
+            yield from zip(positions, pool.map(check, cands, chunksize=_CHUNK_PER_WORKER // 4), strict=True)
+
+
+@dataclass(frozen=True)
+class _ValidateOrReason:
+    """`_validate` as a picklable callable that returns the skip reason instead of raising it."""
+
+    max_caption_chars: int
+
+    def __call__(self, cand: _Candidate) -> tuple[str, bytes, bytes, dict[str, Any]] | str:
+        try:
+            return _validate(cand, self.max_caption_chars)
+        except _Skip as skip:
+            return skip.args[0]
+
+
+def _build_identity(src: Path, samples_per_shard: int, max_caption_chars: int, where: Any) -> dict[str, Any]:
+    """What a resumed build must share with the one it continues (a changed manifest is a new build)."""
+    identity: dict[str, Any] = {
+        "format": BUILD_STATE_FORMAT,
+        "source": str(src.resolve()),
+        "samples_per_shard": samples_per_shard,
+        "max_caption_chars": max_caption_chars,
+        "where": sorted([str(k), str(v)] for k, v in (where or {}).items()),
+    }
+    if src.is_file():
+        stat = src.stat()
+        identity["source_bytes"], identity["source_mtime_ns"] = stat.st_size, stat.st_mtime_ns
+    return identity
+
+
+def _write_state(out: Path, identity: dict[str, Any], consumed: int, sizes: dict[str, int], skipped: Counter) -> None:
+    """Record the shards written so far and how many source entries they consumed (after each shard)."""
+    state = {"identity": identity, "consumed": consumed, "sizes": sizes, "skipped": dict(skipped)}
+    _atomic_write_bytes(out / BUILD_STATE_FILE, json.dumps(state, indent=1).encode("utf-8"))
 
 
 def dataset_stats(shard_dir: str | os.PathLike) -> dict[str, Any]:
@@ -168,7 +251,6 @@ def dataset_stats(shard_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _index_report(folder: Path) -> dict[str, Any]:
     """What `dpcap data index` left out (per reason) and which tars were truncated; {} for built folders."""
-    from dpcap.data.index import WDS_INDEX_FILE
 
     path = Path(folder) / WDS_INDEX_FILE
     if not path.is_file():
@@ -209,30 +291,46 @@ def _source_candidates(src: Path) -> Iterator[_Candidate]:
 
 
 def _folder_candidates(src: Path) -> Iterator[_Candidate]:
-    """Group files by relative stem: each image is one sample; a caption without image is missing one."""
-    groups: dict[str, dict[str, list[Path]]] = {}
-    for path in src.rglob("*"):
-        suffix = path.suffix.lower()
-        kind = "image" if suffix in IMAGE_SUFFIXES else suffix.lstrip(".")
-        if path.is_file() and kind in ("image", "txt", "json"):
-            stem = path.relative_to(src).with_suffix("").as_posix()
-            groups.setdefault(stem, {}).setdefault(kind, []).append(path)
-    if not any("image" in g or "txt" in g for g in groups.values()):
+    """Each image is one sample (a caption without an image: a missing one), walked folder by folder."""
+    walk = _folder_iter(src)
+    first = next(walk, None)
+    if first is None:
         raise DataError(f"source folder {src} holds no images or captions")
-    return _folder_iter(src, groups)
+    return itertools.chain([first], walk)
 
 
-def _folder_iter(src: Path, groups: dict[str, dict[str, list[Path]]]) -> Iterator[_Candidate]:
-    for stem in sorted(groups):
-        files = groups[stem]
-        caption = files["txt"][0].read_bytes() if "txt" in files else None
-        meta = _sidecar_meta(files["json"][0]) if "json" in files else {}
-        error = "bad_metadata" if meta is None else None
-        for image in sorted(files.get("image", [])):
-            source = {"source": image.relative_to(src).as_posix()}
-            yield _Candidate(image, caption, None if meta is None else {**source, **meta}, error)
-        if "image" not in files and "txt" in files:
-            yield _Candidate(None, caption, meta, error)
+def _folder_iter(src: Path) -> Iterator[_Candidate]:
+    """Depth-first, names sorted; only one folder's listing is held at a time (plus the folders to visit)."""
+    pending = [src]
+    while pending:
+        folder = pending.pop()
+        groups: dict[str, dict[str, list[Path]]] = {}
+        subfolders = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                if entry.is_dir():
+                    subfolders.append(path)
+                    continue
+                suffix = path.suffix.lower()
+                kind = "image" if suffix in IMAGE_SUFFIXES else suffix.lstrip(".")
+                if kind in ("image", "txt", "json") and entry.is_file():
+                    groups.setdefault(path.stem, {}).setdefault(kind, []).append(path)
+        for stem in sorted(groups):
+            yield from _group_candidates(src, groups[stem])
+        pending.extend(sorted(subfolders, reverse=True))  # popped in sorted order
+
+
+def _group_candidates(src: Path, files: dict[str, list[Path]]) -> Iterator[_Candidate]:
+    """The samples of one stem: every image with the stem's caption and sidecar metadata."""
+    caption = files["txt"][0].read_bytes() if "txt" in files else None
+    meta = _sidecar_meta(files["json"][0]) if "json" in files else {}
+    error = "bad_metadata" if meta is None else None
+    for image in sorted(files.get("image", [])):
+        source = {"source": image.relative_to(src).as_posix()}
+        yield _Candidate(image, caption, None if meta is None else {**source, **meta}, error)
+    if "image" not in files and "txt" in files:
+        yield _Candidate(None, caption, meta, error)
 
 
 def _sidecar_meta(path: Path) -> dict[str, Any] | None:
@@ -352,18 +450,52 @@ def _png_bytes(im: Any) -> bytes:
 # ---------------------------------------------------------------- output
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def _prepare_out(out: Path, overwrite: bool, identity: dict[str, Any]) -> dict[str, Any]:
+    """Make ``out`` ready; return the state to start from (empty, or the unfinished build to resume).
+
+    A finished build (``sizes.json``) is replaced only with ``overwrite``; an unfinished one is resumed
+    when its ``.build-state.json`` has the same identity, and refused otherwise.
+    """
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    fresh = {"consumed": 0, "sizes": {}, "skipped": {}}
     old = sorted(p for p in out.iterdir() if p.name == SIZES_FILE or p.name.startswith(SHARD_PREFIX))
-    if old and not overwrite:
+    state = None if overwrite else _read_state(out)
+    if state is not None and state["identity"] != identity:
+        raise DataError(
+            f"output folder {out} holds an unfinished build of another source or with other options "
+            f"({state['identity']['source']}); pass --overwrite to replace it"
+        )
+    if old and state is None and not overwrite:
         raise DataError(
             f"output folder {out} already holds shards (e.g. {old[0].name}); pass --overwrite to replace them"
         )
+    kept = set() if state is None else {n for s in state["sizes"] for n in (s, index_path(Path(s)).name)}
     leftovers = [p for p in out.iterdir() if p.name.startswith(f".{SHARD_PREFIX}") and p.name.endswith(".tmp")]
-    for p in sorted(old, key=lambda p: p.name != SIZES_FILE) + leftovers:  # sizes.json first: no stale set
+    stale = [p for p in old if p.name not in kept]  # with a state: shards written after its last record
+    for p in sorted(stale, key=lambda p: p.name != SIZES_FILE) + leftovers:  # sizes.json first: no stale set
         p.unlink()
+    if state is None:
+        (out / BUILD_STATE_FILE).unlink(missing_ok=True)
+        return fresh
+    missing = [n for n in sorted(kept) if not (out / n).is_file()]
+    if missing:
+        raise DataError(f"cannot resume the build in {out}: {missing[0]} is gone; pass --overwrite to start again")
+    return state
+
+
+def _read_state(out: Path) -> dict[str, Any] | None:
+    path = out / BUILD_STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_bytes())
+        if not isinstance(state, dict) or not {"identity", "consumed", "sizes", "skipped"} <= state.keys():
+            raise ValueError("missing keys")
+    except ValueError as exc:
+        raise DataError(f"{path} is unreadable ({exc}); pass --overwrite to start the build again") from None
+    return state
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -378,10 +510,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 class _ShardWriter:
     """Streams samples into ``shard-NNNNNN.tar`` + ``.idx`` pairs, each moved into place when full."""
 
-    def __init__(self, out: Path, samples_per_shard: int) -> None:
+    def __init__(self, out: Path, samples_per_shard: int, sizes: Mapping[str, int] | None = None) -> None:
         self.out, self.per_shard = out, samples_per_shard
-        self.sizes: dict[str, int] = {}
-        self.next_id = 0
+        self.sizes: dict[str, int] = dict(sizes or {})  # the shards already in place (a resumed build)
+        self.next_id = sum(self.sizes.values())
         self._file: Any = None
         self._tar: tarfile.TarFile | None = None
         self._rows: list[list[int]] = []
@@ -393,7 +525,8 @@ class _ShardWriter:
         if exc_type is not None:
             self._abort()
 
-    def add(self, ext: str, image: bytes, caption: bytes, meta: dict[str, Any]) -> None:
+    def add(self, ext: str, image: bytes, caption: bytes, meta: dict[str, Any]) -> bool:
+        """Append one sample; True when it completed a shard (now in place)."""
         if self._tar is None:
             self._open()
         key = f"{self.next_id:010d}"
@@ -405,6 +538,8 @@ class _ShardWriter:
         self.next_id += 1
         if len(self._rows) == self.per_shard:
             self._close_shard()
+            return True
+        return False
 
     def finish(self) -> dict[str, int]:
         if self._tar is not None:

@@ -195,6 +195,7 @@ def build_emoji_dataset(
             samples_per_shard=samples_per_shard,
             where={"split": split},
             overwrite=overwrite,
+            progress=False,
         )
     return result
 

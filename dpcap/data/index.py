@@ -19,15 +19,21 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dpcap.data.build import INDEX_COLUMNS, INDEX_DTYPE, SIZES_FILE, index_path
+from dpcap.data.layout import (
+    INDEX_COLUMNS,
+    INDEX_DTYPE,
+    ROW_BYTES,
+    SIZES_FILE,
+    WDS_INDEX_FILE,
+    WDS_ROW_DTYPE,
+    index_path,
+)
 from dpcap.errors import DataError
 
-ROW_BYTES = INDEX_DTYPE.itemsize * len(INDEX_COLUMNS)
 ACCEPTED = (
     f"a folder written by `dpcap data build` ({SIZES_FILE} + its .tar shards and .idx files), or an index "
     "folder written by `dpcap data index SRC… --out DIR` for existing WebDataset shards"
 )
-WDS_INDEX_FILE = "shards.json"  # the in-place index of existing tars (`dpcap data index`, dpcap.data.wds_index)
 
 # Sources WebDataset would take but a ShardIndex cannot (it needs sizes.json and the .idx offsets of
 # local files): named precisely, so the user learns what to give instead of "sizes.json not found".
@@ -36,24 +42,8 @@ _BRACE = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
-# The in-place index's row (`dpcap data index`): 32 bytes per sample. Text and JSON members are
-# located relative to the image (deltas fit: members of one sample lie within 2 GiB of each other in
-# any real shard), a size of 0 means "absent", and a `.cls` label is stored as its value (-1: none).
-WDS_ROW_DTYPE = np.dtype(
-    [
-        ("image_offset", "<u8"),
-        ("image_size", "<u4"),
-        ("txt_delta", "<i4"),
-        ("txt_size", "<u4"),
-        ("json_delta", "<i4"),
-        ("json_size", "<u4"),
-        ("cls", "<i4"),
-    ]
-)
-
-
 def absolute_rows(raw: np.ndarray) -> np.ndarray:
-    """``(k, 6)`` uint64 rows of :data:`dpcap.data.build.INDEX_COLUMNS` from compact `WDS_ROW_DTYPE` rows."""
+    """``(k, 6)`` uint64 rows of :data:`dpcap.data.layout.INDEX_COLUMNS` from compact `WDS_ROW_DTYPE` rows."""
     image = raw["image_offset"].astype(np.int64)
     columns = (
         image,
@@ -83,7 +73,7 @@ class ShardIndex:
     """Read-only view of a shard folder's ``sizes.json`` and member offsets.
 
     ``len(index)`` is the number of samples N; ``locate(g)`` gives ``(shard_path, row)`` with ``row`` the
-    six ``uint64`` of :data:`dpcap.data.build.INDEX_COLUMNS`.
+    six ``uint64`` of :data:`dpcap.data.layout.INDEX_COLUMNS`.
     """
 
     def __init__(self, shard_dir: str | os.PathLike, *, max_open: int = 1024) -> None:
@@ -146,7 +136,7 @@ class ShardIndex:
         return rows
 
     def rows(self, shard: int) -> np.ndarray:
-        """The ``(n, 6)`` uint64 rows (:data:`dpcap.data.build.INDEX_COLUMNS`) of one shard."""
+        """The ``(n, 6)`` uint64 rows (:data:`dpcap.data.layout.INDEX_COLUMNS`) of one shard."""
         raw = self.raw_rows(shard)
         return absolute_rows(raw) if self.in_place else raw
 

@@ -2,7 +2,7 @@
 
 ``dpcap data index SRC… --out INDEX_DIR`` writes, into INDEX_DIR only (sources may be read-only)::
 
-    000000.idx  000000.json     per shard: n rows of dpcap.data.index.WDS_ROW_DTYPE (32 bytes a sample:
+    000000.idx  000000.json     per shard: n rows of dpcap.data.layout.WDS_ROW_DTYPE (32 bytes a sample:
     000001.idx  000001.json     member offsets and sizes, the .cls label) and a record of what was
                                 indexed (path, size, mtime, counts)
     shards.json                 {"format", "caption_key", "label_key", "shards": [{"path", "index",
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from dpcap.data.index import WDS_INDEX_FILE, WDS_ROW_DTYPE
+from dpcap.data.layout import WDS_INDEX_FILE, WDS_ROW_DTYPE
 from dpcap.errors import ConfigError, DataError
 
 WDS_INDEX_FORMAT = "dpcap-wds-index-1"

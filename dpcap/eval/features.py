@@ -105,16 +105,29 @@ def weights_fingerprint(module: nn.Module) -> str:
 
 
 def shards_fingerprint(shard_dir: str | os.PathLike) -> str:
-    """SHA-256 over the resolved folder path, ``sizes.json`` and each shard/index file's size and mtime."""
+    """SHA-256 over the resolved folder path, its ``sizes.json`` (or an in-place index's ``shards.json``)
+    and the size and mtime of each shard and index file it names."""
+    from dpcap.data.layout import SIZES_FILE, WDS_INDEX_FILE
+
     root = Path(shard_dir).resolve()
-    sizes = root / "sizes.json"
-    if not sizes.is_file():
-        raise DataError(f"{sizes} not found: not a shard folder (build it with `dpcap data build`)")
+    listing = root / SIZES_FILE
+    if not listing.is_file():
+        listing = root / WDS_INDEX_FILE
+    if not listing.is_file():
+        raise DataError(
+            f"{root / SIZES_FILE} not found: not a shard folder (build it with `dpcap data build`, or index "
+            "WebDataset shards with `dpcap data index`)"
+        )
     digest = hashlib.sha256(f"{root}|".encode())
-    digest.update(sizes.read_bytes())
-    for path in sorted(root.glob("*.tar")) + sorted(root.glob("*.idx")):
+    digest.update(listing.read_bytes())
+    if listing.name == SIZES_FILE:
+        files = sorted(root.glob("*.tar")) + sorted(root.glob("*.idx"))
+    else:  # the tars live elsewhere; the index names them
+        shards = json.loads(listing.read_bytes())["shards"]
+        files = [Path(s["path"]) for s in shards] + [root / s["index"] for s in shards]
+    for path in files:
         stat = path.stat()
-        digest.update(f"|{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 

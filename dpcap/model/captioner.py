@@ -20,7 +20,7 @@ from dpcap.model.decoder import TextDecoder
 from dpcap.model.encoder import create_encoder
 
 if TYPE_CHECKING:
-    from dpcap.model.registry import CaptionerConfig
+    from dpcap.model.configs import CaptionerConfig
 
 POOLS = ("mean", "cls")
 

@@ -16,7 +16,7 @@ from torch import nn
 from dpcap.errors import DataError
 
 if TYPE_CHECKING:
-    from dpcap.model.registry import TextConfig
+    from dpcap.model.configs import TextConfig
 
 LN_EPS = 1e-6
 INIT_STD = 0.02

@@ -18,7 +18,7 @@ import timm
 from torch import nn
 
 if TYPE_CHECKING:
-    from dpcap.model.registry import CaptionerConfig
+    from dpcap.model.configs import CaptionerConfig
 
 ENCODER_ARCH = "vit_base_patch16_224"
 

@@ -273,3 +273,86 @@ def test_folder_sidecar_metadata_and_where(tmp_path: Path) -> None:
     assert result["written"] == 1 and result["skipped"] == {"bad_metadata": 2}
     [(_, data, _)] = read_tar_samples(tmp_path / "out" / "shard-000000.tar")
     assert json.loads(data["json"]) == {"label": "cat", "split": "train", "source": "sub/a.png", "id": 0}
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_folder_is_walked_depth_first_folder_files_before_subfolders(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i, stem in enumerate(["b", "z", "a/y", "a/c/x", "a/b", "c/w"]):
+        (src / stem).parent.mkdir(parents=True, exist_ok=True)
+        (src / f"{stem}.png").write_bytes(image_bytes("PNG", i))
+        (src / f"{stem}.txt").write_text(f"caption {stem}")
+    build_shards(src, tmp_path / "out", progress=False)
+    sources = [json.loads(d["json"])["source"] for _, d, _ in read_tar_samples(tmp_path / "out" / "shard-000000.tar")]
+    assert sources == ["b.png", "z.png", "a/b.png", "a/y.png", "a/c/x.png", "c/w.png"]
+
+
+def test_workers_write_the_same_bytes_as_one_process(tmp_path: Path) -> None:
+    src = make_folder_source(tmp_path / "src")
+    make_folder_source(tmp_path / "src" / "more", {f"m{i:02d}": ("PNG", f"more {i}") for i in range(40)}, bad=False)
+    one = build_shards(src, tmp_path / "one", samples_per_shard=9, max_caption_chars=60, progress=False)
+    two = build_shards(src, tmp_path / "two", samples_per_shard=9, max_caption_chars=60, workers=2, progress=False)
+    assert one == {**two, "out": one["out"]} and one["skipped"] == EXPECTED_SKIPS
+    assert _folder_bytes(tmp_path / "one") == _folder_bytes(tmp_path / "two")
+    with pytest.raises(ConfigError, match="workers"):
+        build_shards(src, tmp_path / "three", workers=0)
+
+
+class _Killed(Exception):
+    """Stands in for SIGKILL in the middle of a build."""
+
+
+def test_killed_build_resumes_after_its_last_shard_with_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
+    import dpcap.data.build as build
+
+    rows = [{"image": f"i{i}.png", "caption": f"caption {i}", "split": "train" if i % 3 else "val"} for i in range(30)]
+    rows.insert(7, {"image": "missing.png", "caption": "gone", "split": "train"})
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"i{i}.png").write_bytes(image_bytes("PNG", i))
+    manifest = src / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = {"samples_per_shard": 4, "where": {"split": "train"}, "progress": False}
+    reference = build_shards(manifest, tmp_path / "reference", **options)
+
+    real_validate, seen = build._validate, []
+
+    def validate_then_die(cand, max_chars):
+        seen.append(cand.image.name)
+        if len(seen) == 15:  # the 15th candidate kept by `where`: 3 shards are in place by then
+            raise _Killed
+        return real_validate(cand, max_chars)
+
+    monkeypatch.setattr(build, "_validate", validate_then_die)
+    out = tmp_path / "out"
+    with pytest.raises(_Killed):
+        build_shards(manifest, out, **options)
+    assert not (out / "sizes.json").exists()  # unfinished: readers refuse it
+    state = json.loads((out / ".build-state.json").read_text())
+    assert sorted(state["sizes"]) == [f"shard-00000{i}.tar" for i in range(3)] and state["skipped"] == {
+        "missing_image": 1
+    }
+
+    with pytest.raises(DataError, match="unfinished build of another source or with other options.*--overwrite"):
+        build_shards(manifest, out, **{**options, "samples_per_shard": 5})
+    seen.clear()
+    resumed = build_shards(manifest, out, **options)
+    assert resumed == {**reference, "out": str(out), "resumed_shards": 3}
+    assert seen == [f"i{i}.png" for i in (19, 20, 22, 23, 25, 26, 28, 29)]  # only what the 3 shards had not consumed
+    assert _folder_bytes(out) == _folder_bytes(tmp_path / "reference")  # and no state file left behind
+
+
+def test_cli_data_build_with_workers(tmp_path: Path, capsys) -> None:
+    """`dpcap data build SRC --out DIR --workers 2 --json`, as the README shows it."""
+    from dpcap.cli import main
+
+    src = make_folder_source(tmp_path / "src")
+    assert main(["data", "build", str(src), "--out", str(tmp_path / "out"), "--workers", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["written"] == len(GOOD) + 1  # b_long is within the default 1,000 characters
+    assert report["skipped"] == {k: v for k, v in EXPECTED_SKIPS.items() if k != "caption_too_long"}
+    assert report["resumed_shards"] == 0

@@ -149,3 +149,32 @@ def test_cli_index_stats_and_train_on_the_index(source, tmp_path, capsys):
     assert main(["train", *overrides, "--json"]) == 0
     run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert run["num_samples"] == expected["samples"] and run["step"] == 2
+
+
+def write_labelled(folder: Path, seeds: range) -> None:
+    """Two-class img2dataset shards: a `.cls` member and the same class as a JSON field `"kind"`."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    with wds.TarWriter(str(folder / "00000.tar"), mtime=0) as sink:
+        for i in seeds:
+            key, label = f"{i:09d}", i % 2
+            fields = json.loads(meta(key, f"a picture of kind {label}")) | {"kind": ["even", "odd"][label]}
+            sink.write(
+                {"__key__": key, "jpg": jpeg(i), "json": json.dumps(fields).encode(), "cls": str(label).encode()}
+            )
+
+
+def test_probe_reads_labels_of_an_in_place_index(tmp_path, capsys):
+    """`dpcap probe` on indexes of webdataset shards: the `.cls` label, or a JSON field as the label."""
+    for split, seeds in (("train", range(0, 24)), ("test", range(100, 112))):
+        write_labelled(tmp_path / f"wds-{split}", seeds)
+        build_wds_index([str(tmp_path / f"wds-{split}")], tmp_path / split, label_key="kind", progress=False)
+    reports = {}
+    for label in ("cls", "kind"):
+        argv = ["probe", "random:nano", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test")]
+        assert main([*argv, "--label", label, "--json"]) == 0
+        reports[label] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reports["cls"]["num_classes"] == reports["kind"]["num_classes"] == 2
+    assert reports["cls"]["num_test"] == reports["kind"]["num_test"] == 12
+    assert reports["cls"]["top1"] == reports["kind"]["top1"]  # the same labels under two names
