@@ -12,13 +12,15 @@ Procedure (``run_audit``):
    by the number inserted, so it is a different data set, and the report says so.
 3. **Measure** with the trained captioner: the membership score of a canary is minus its
    per-sample loss (higher = more likely a member); the AUC of inserted vs held-out scores;
-   the exposure of each secret (Carlini et al. 2019); and an empirical ε lower bound from the best
-   threshold test with Clopper–Pearson intervals (Jagielski et al. 2020, Nasr et al. 2021).
+   the exposure of each secret (Carlini et al. 2019); and an empirical ε lower bound from a
+   threshold test with Clopper–Pearson intervals (Jagielski et al. 2020, Nasr et al. 2021), the
+   threshold chosen on a fixed half of the canaries and the bound computed on the other half (so the
+   bound keeps its stated confidence; see :func:`epsilon_lower_bound`).
 
 Caveat printed with every report: the M canaries are scored in one training run, not M separately
 trained models. Steinke, Nasr & Jagielski (2023, "Privacy auditing with one (1) training run") show
-that such one-run audits are valid but loose; the threshold is also chosen on the scores it is
-evaluated on. The bound is an audit figure for the operator, never a privacy guarantee.
+that such one-run audits are valid but loose. The bound is an audit figure for the operator, never a
+privacy guarantee.
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ SECRET_WORDS = (
 ).split()
 CANARY_PREFIX = "canary"
 NOTE = (
-    "one-run audit: M canaries scored in one training run and the best threshold chosen on the same scores; "
-    "epsilon_lower_bound is an empirical figure for the operator (Steinke et al. 2023 give the rigorous one-run "
-    "analysis); only the accountant's epsilon is a guarantee, and only for a run with private = true"
+    "one-run audit: M canaries scored in one training run; the threshold is chosen on half of the canaries and "
+    "the Clopper-Pearson bound computed on the other half; epsilon_lower_bound is an empirical figure for the "
+    "operator (Steinke et al. 2023 give the rigorous one-run analysis); only the accountant's epsilon is a "
+    "guarantee, and only for a run with private = true"
 )
 
 
@@ -369,39 +372,86 @@ def clopper_pearson(successes: Any, trials: Any, *, confidence: float = 0.95) ->
     return low, high
 
 
-def epsilon_lower_bound(
-    scores_in: Any, scores_out: Any, *, delta: float, confidence: float = 0.95
-) -> dict[str, float | None]:
-    """Empirical ε lower bound of the best threshold test (Jagielski et al. 2020; Nasr et al. 2021).
+def _half_split(values: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` in a pseudo-random order cut in two: ``⌊n/2⌋`` to choose the threshold, the rest for the bound."""
+    order = rng.permutation(values.size)
+    return values[order[: values.size // 2]], values[order[values.size // 2 :]]
 
-    An (ε, δ)-DP mechanism forces every test to satisfy TPR ≤ e^ε FPR + δ and
-    1 − FPR ≤ e^ε (1 − TPR) + δ (Kairouz et al. 2015), so for each threshold
-    ``ε ≥ max(log((TPR − δ)/FPR), log((1 − FPR − δ)/(1 − TPR)))``. The rates are replaced by the
-    Clopper–Pearson bounds TPR_lo and FPR_hi of the two-sided ``confidence`` interval; each is a one-sided
-    bound at level 1 − α/2, so both hold together with probability ≥ ``confidence`` (union bound), and the
-    result is a **one-sided** lower confidence bound on ε at that level for a fixed threshold. The maximum
-    over thresholds, floored at 0, is returned with the threshold and rates that attain it.
-    """
-    if not 0 <= delta < 1:
-        raise ConfigError(f"delta must be in [0, 1), got {delta!r}")
-    c = threshold_counts(scores_in, scores_out)
-    tpr_lo, _ = clopper_pearson(c["tp"], c["n_in"], confidence=confidence)
-    _, fpr_hi = clopper_pearson(c["fp"], c["n_out"], confidence=confidence)
+
+def _threshold_epsilon(
+    tp: Any, fp: Any, n_in: int, n_out: int, *, delta: float, confidence: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ε_lb, TPR_lo, FPR_hi)`` of threshold tests with ``tp``/``fp`` positives among ``n_in``/``n_out``."""
+    tpr_lo, _ = clopper_pearson(tp, n_in, confidence=confidence)
+    _, fpr_hi = clopper_pearson(fp, n_out, confidence=confidence)
     with np.errstate(divide="ignore", invalid="ignore"):
         eps1 = np.where(tpr_lo > delta, np.log((tpr_lo - delta) / fpr_hi), -np.inf)
         eps2 = np.where(1 - fpr_hi > delta, np.log((1 - fpr_hi - delta) / (1 - tpr_lo)), -np.inf)
-    eps = np.nan_to_num(np.maximum(eps1, eps2), nan=-np.inf)
-    best = int(np.argmax(eps))
-    if not eps[best] > 0:
-        return {"epsilon_lower_bound": 0.0, "threshold": None, "tpr": None, "fpr": None, "confidence": confidence}
-    return {
-        "epsilon_lower_bound": float(eps[best]),
-        "threshold": float(c["threshold"][best]),
-        "tpr": float(c["tp"][best] / c["n_in"]),
-        "fpr": float(c["fp"][best] / c["n_out"]),
-        "tpr_low": float(tpr_lo[best]),
-        "fpr_high": float(fpr_hi[best]),
+    return np.nan_to_num(np.maximum(eps1, eps2), nan=-np.inf), tpr_lo, fpr_hi
+
+
+def epsilon_lower_bound(
+    scores_in: Any, scores_out: Any, *, delta: float, confidence: float = 0.95, split_seed: int = 0
+) -> dict[str, Any]:
+    """Empirical ε lower bound of a threshold test (Jagielski et al. 2020; Nasr et al. 2021), with the
+    threshold chosen on half of the canaries and the bound computed on the other half.
+
+    An (ε, δ)-DP mechanism forces every test to satisfy TPR ≤ e^ε FPR + δ and
+    1 − FPR ≤ e^ε (1 − TPR) + δ (Kairouz et al. 2015), so for a threshold fixed in advance
+    ``ε ≥ max(log((TPR − δ)/FPR), log((1 − FPR − δ)/(1 − TPR)))``; the rates are replaced by the
+    Clopper–Pearson bounds TPR_lo and FPR_hi of the two-sided ``confidence`` interval. Each is a one-sided
+    bound at level 1 − α/2 (α = 1 − confidence), so both hold together with probability ≥ ``confidence``
+    (union bound) and then both terms of the max are ≤ ε: the result is a **one-sided** lower confidence
+    bound on ε at that level.
+
+    That holds only for a threshold chosen without the scores it is evaluated on: the maximum over all
+    thresholds of the same scores over-claims (7–9 % of no-leak audits gave ε_lb > 0 at 0.95). So the
+    inserted and the held-out scores are each shuffled by a fixed permutation (``numpy.random.default_rng
+    (split_seed)``: deterministic, reproducible) and cut in two; the threshold (test "member iff s ≥ τ",
+    τ midway between two adjacent scores) maximising the same ε bound on the first halves is evaluated once
+    on the second halves, whose counts alone enter the bound. The order of the scores passed in must not
+    depend on their values beyond what a fixed shuffle undoes (canary order is fine). The split costs power:
+    the bound sees ⌈n/2⌉ canaries per side. Returns the bound, floored at 0 (0 also when a side has fewer
+    than 2 scores), with the threshold and the second halves' rates that attain it, and the sizes of the two
+    halves (``threshold_canaries``, ``bound_canaries``).
+    """
+    if not 0 <= delta < 1:
+        raise ConfigError(f"delta must be in [0, 1), got {delta!r}")
+    if not 0 < confidence < 1:
+        raise ConfigError(f"confidence must be in (0, 1), got {confidence!r}")
+    a, b = _scores(scores_in, scores_out)
+    rng = np.random.default_rng(split_seed)
+    (pick_in, test_in), (pick_out, test_out) = _half_split(a, rng), _half_split(b, rng)
+    zero = {
+        "epsilon_lower_bound": 0.0,
+        "threshold": None,
+        "tpr": None,
+        "fpr": None,
         "confidence": confidence,
+        "threshold_canaries": {"inserted": int(pick_in.size), "held_out": int(pick_out.size)},
+        "bound_canaries": {"inserted": int(test_in.size), "held_out": int(test_out.size)},
+    }
+    if pick_in.size == 0 or pick_out.size == 0:
+        return zero
+    c = threshold_counts(pick_in, pick_out)
+    chosen = _threshold_epsilon(c["tp"], c["fp"], c["n_in"], c["n_out"], delta=delta, confidence=confidence)[0]
+    best = int(np.argmax(chosen))
+    if not chosen[best] > -np.inf or best == 0:  # no threshold of the first halves says anything (or τ = +∞)
+        return zero
+    above, below = c["threshold"][best], c["threshold"][best + 1] if best + 1 < c["threshold"].size else -np.inf
+    tau = float(above / 2 + below / 2) if np.isfinite(below) else float(above)
+    tp, fp = int(np.sum(test_in >= tau)), int(np.sum(test_out >= tau))
+    eps, tpr_lo, fpr_hi = _threshold_epsilon(tp, fp, test_in.size, test_out.size, delta=delta, confidence=confidence)
+    if not float(eps) > 0:
+        return zero
+    return {
+        **zero,
+        "epsilon_lower_bound": float(eps),
+        "threshold": tau,
+        "tpr": tp / test_in.size,
+        "fpr": fp / test_out.size,
+        "tpr_low": float(tpr_lo),
+        "fpr_high": float(fpr_hi),
     }
 
 

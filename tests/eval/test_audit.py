@@ -102,14 +102,20 @@ def test_lower_bound_is_zero_without_separation() -> None:
     assert epsilon_lower_bound(np.zeros(50), np.zeros(80), delta=0.0)["epsilon_lower_bound"] == 0.0
 
 
-@pytest.mark.parametrize("n", [8, 16, 64])
+@pytest.mark.parametrize("n", [8, 16, 64, 65])
 def test_lower_bound_of_perfect_separation_has_closed_form(n: int) -> None:
-    # All n inserted above all n held out: the best test has TP = n, FP = 0, so with α = 0.05
-    # TPR_lo = (α/2)^(1/n) and FPR_hi = 1 − (α/2)^(1/n); ε_lb = log(TPR_lo / FPR_hi) (δ = 0).
-    result = epsilon_lower_bound(np.arange(n) + n, np.arange(n), delta=0.0, confidence=0.95)
-    q = 0.025 ** (1 / n)
-    assert result["epsilon_lower_bound"] == pytest.approx(math.log(q / (1 - q)), rel=1e-9)
-    assert (result["tpr"], result["fpr"]) == (1.0, 0.0)
+    # All n inserted far above all n held out: the threshold chosen on ⌊n/2⌋ per side separates the other
+    # m = ⌈n/2⌉ per side too, TP = m, FP = 0, so with α = 0.05 TPR_lo = (α/2)^(1/m) and
+    # FPR_hi = 1 − (α/2)^(1/m); ε_lb = max(0, log(TPR_lo / FPR_hi)) (δ = 0): 0 for m = 4.
+    result = epsilon_lower_bound(np.arange(n) + 10.0 * n, np.arange(n), delta=0.0, confidence=0.95)
+    m = n - n // 2
+    assert result["bound_canaries"] == {"inserted": m, "held_out": m}
+    q = 0.025 ** (1 / m)
+    expected = max(0.0, math.log(q / (1 - q)))
+    assert result["epsilon_lower_bound"] == pytest.approx(expected, rel=1e-9)
+    if expected > 0:
+        assert (result["tpr"], result["fpr"]) == (1.0, 0.0)
+        assert n <= result["threshold"] <= 10 * n - 1
 
 
 def test_lower_bound_shrinks_with_delta_and_confidence() -> None:
