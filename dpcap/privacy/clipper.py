@@ -7,11 +7,19 @@ per-sample squared norms; their sum over all layers is ‖∇ℓ_i‖² over all
 (invariant 2: one norm for the whole model). With c_i = min(1, C/‖∇ℓ_i‖), each handler then forms
 Σ_i c_i ∇ℓ_i directly (one matmul for a Linear) and adds it to `.grad`, so successive micro-batches
 accumulate (Abadi et al. 2016, DP-SGD clipping).
+
+The clipper's own maths (the backward to the layer outputs, the norms, the clip factors and the
+clipped sums) runs with autocast disabled, in at least float32 (float64 when the parameters are), on
+the forward's captured activations cast to that dtype: the bound C must hold whatever precision the
+caller's forward used, and a bf16 norm or sum matmul could let one example's contribution exceed it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -41,10 +49,19 @@ class Clipper:
             for index, (_, module, handler) in enumerate(self._layers)
         ]
 
+    def _label(self, index: int) -> str:
+        name, module, _ = self._layers[index]
+        return f"{name or '<root>'} ({type(module).__name__})"
+
     def _make_hook(self, index: int):
+        _, planned, handler = self._layers[index]
+
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             # Only a forward that will be differentiated needs its activations kept.
-            if torch.is_grad_enabled() and output.requires_grad:
+            if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+                reason = handler.check_call(planned, inputs, output)
+                if reason:
+                    raise PrivacyError(f"cannot clip per sample: {self._label(index)}: {reason}")
                 detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
                 edge = get_gradient_edge(output)
                 self._captures[index].append(Capture(detached, edge, output.shape, output.dtype))
@@ -79,23 +96,37 @@ class Clipper:
             self.clear()
 
     def _clip_and_accumulate(self, losses: torch.Tensor) -> torch.Tensor:
+        with _autocast_disabled(losses.device.type):
+            return self._clip_and_accumulate_exact(losses, _compute_dtype(self.trainable_parameters(), losses))
+
+    def _clip_and_accumulate_exact(self, losses: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        batch = losses.shape[0]
         active = [i for i in range(len(self._layers)) if self._captures.get(i)]
+        for i in active:  # refuse before anything reaches `.grad`
+            for capture in self._captures[i]:
+                if len(capture.output_shape) == 0 or capture.output_shape[0] != batch:
+                    raise PrivacyError(
+                        f"cannot clip per sample: {self._label(i)}: output of shape {tuple(capture.output_shape)} "
+                        f"does not have the batch ({batch} samples) as its first dimension"
+                    )
         outputs = [capture.output_edge for i in active for capture in self._captures[i]]
         grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
         per_layer, cursor = {}, 0
         for i in active:
             count = len(self._captures[i])
             per_layer[i] = [
-                g if g is not None else losses.new_zeros(c.output_shape, dtype=c.output_dtype)
+                g.to(dtype) if g is not None else losses.new_zeros(c.output_shape, dtype=dtype)
                 for g, c in zip(grads[cursor : cursor + count], self._captures[i])
             ]
             cursor += count
         del grads, outputs
         prepared = {}
-        sq_norms = losses.new_zeros(losses.shape[0], dtype=torch.promote_types(losses.dtype, torch.float32))
+        sq_norms = torch.zeros(batch, dtype=dtype, device=losses.device)
         for i in active:
             _, module, handler = self._layers[i]
-            prepared[i] = handler.prepare(module, self._captures.pop(i), per_layer.pop(i))
+            captures = [_captured_as(c, dtype) for c in self._captures.pop(i)]
+            prepared[i] = handler.prepare(module, captures, per_layer.pop(i))
+            del captures
             sq_norms += handler.sq_norms(module, prepared[i])
         norms = sq_norms.sqrt()
         clip = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0)
@@ -120,3 +151,28 @@ def _accumulate(param: nn.Parameter, value: torch.Tensor) -> None:
         param.grad = value
     else:
         param.grad.add_(value)
+
+
+def _compute_dtype(params: list[nn.Parameter], losses: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when a trainable parameter (or the loss) is float64: never bf16/fp16."""
+    dtype = torch.float32
+    for tensor in (*params, losses):
+        if tensor.is_floating_point():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+@contextlib.contextmanager
+def _autocast_disabled(device_type: str) -> Iterator[None]:
+    """Autocast off for cpu, cuda and the losses' device, whatever the caller has enabled."""
+    kinds = {"cpu", "cuda"} | ({device_type} if torch.amp.is_autocast_available(device_type) else set())
+    with contextlib.ExitStack() as stack:
+        for kind in sorted(kinds):
+            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        yield
+
+
+def _captured_as(capture: Capture, dtype: torch.dtype) -> Capture:
+    """The capture with its floating-point inputs in `dtype` (token ids stay integers)."""
+    inputs = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in capture.inputs)
+    return replace(capture, inputs=inputs)

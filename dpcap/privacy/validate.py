@@ -2,7 +2,9 @@
 
 Every trainable parameter must be covered by exactly one layer handler, and nothing may mix
 samples: batch-statistics normalisation (BatchNorm, SyncBatchNorm, InstanceNorm with running stats)
-couples examples, so no per-sample gradient exists.
+couples examples, so no per-sample gradient exists. A handler also refuses subclasses whose
+`forward` its maths does not describe, and options it does not implement; input ranks, known only at
+forward time, are checked at each recorded forward call (`LayerHandler.check_call`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def plan_layers(model: nn.Module, registry: LayerRegistry) -> list[tuple[str, nn
         if handler is None:
             problems.append(f"{label}: no per-sample gradient rule for parameters {sorted(own)}")
             continue
-        reason = handler.check(module)
+        reason = handler.check_forward(module) or handler.check(module)
         uncovered = own - handler.covers(module)
         if reason:
             problems.append(f"{label}: {reason}")

@@ -42,10 +42,21 @@ class LayerHandler:
 
     The clipper calls `prepare` once per layer and step (after the backward), then `sq_norms` and,
     once the clip factors are known, `clipped_sums` on what `prepare` returned — so work shared by
-    the two (unfolding patches, per-sample bias gradients) is done once.
+    the two (unfolding patches, per-sample bias gradients) is done once. All three run with autocast
+    disabled, and `prepare` receives the floating-point inputs and output gradients already cast to
+    the clipper's dtype (float32, or float64 for a float64 model); `clip` has that dtype too.
+
+    The maths is that of the `forward` of `module_types` (or of `equivalent_forwards`): a subclass
+    overriding `forward` (timm's channels-first LayerNorm2d, a weight-standardised or "same"-padded
+    conv) is refused at construction unless its handler lists it, since its per-sample gradients
+    differ. Shapes are checked per forward call by `check_call`.
     """
 
     module_types: tuple[type[nn.Module], ...] = ()
+    # Other `forward` implementations with the same per-sample gradients (e.g. timm's LayerNorm).
+    equivalent_forwards: tuple = ()
+    # False where the handler does not depend on the module's own forward (it reads a tapped submodule).
+    requires_known_forward: bool = True
 
     def covers(self, module: nn.Module) -> set[str]:
         """Names of the module's own (non-recursive) parameters this handler can clip."""
@@ -53,6 +64,20 @@ class LayerHandler:
 
     def check(self, module: nn.Module) -> str | None:
         """A reason this particular module cannot be handled (unsupported options), or None."""
+        return None
+
+    def check_forward(self, module: nn.Module) -> str | None:
+        """A reason the module's `forward` is not one this handler's maths describes, or None."""
+        if not self.requires_known_forward:
+            return None
+        forward = type(module).forward
+        if any(forward is t.forward for t in self.module_types) or any(forward is f for f in self.equivalent_forwards):
+            return None
+        known = ", ".join(t.__name__ for t in self.module_types)
+        return f"{type(module).__qualname__} overrides forward(); the per-sample gradient rule is that of {known}"
+
+    def check_call(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> str | None:
+        """A reason this forward call (known only at forward time: input ranks) cannot be handled, or None."""
         return None
 
     def tap(self, module: nn.Module) -> nn.Module:
@@ -101,3 +126,12 @@ class LayerRegistry:
 def upcast(tensor: torch.Tensor) -> torch.Tensor:
     """At least float32 (norm sums stay exact enough under bf16/fp16 autocast); float64 stays float64."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def check_batched_input(inputs: tuple, min_dim: int, expected: str) -> str | None:
+    """None if the first positional input is a tensor of at least `min_dim` dims (batch first), else why not."""
+    if not inputs or not isinstance(inputs[0], torch.Tensor):
+        return "called without a positional tensor input (the clipper reads the first positional argument)"
+    if inputs[0].dim() < min_dim:
+        return f"input of shape {tuple(inputs[0].shape)} has no batch dimension (expected {expected})"
+    return None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerHandler, upcast
+from .base import LayerHandler, check_batched_input, upcast
 from .linear import MatrixLayer
 
 
@@ -42,6 +42,12 @@ class Conv2dHandler(LayerHandler):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return f"padding mode {module.padding_mode!r} / padding {module.padding!r} (only explicit zero padding)"
         return None
+
+    def check_call(self, module, inputs, output) -> str | None:
+        reason = check_batched_input(inputs, 4, f"(batch, {module.in_channels}, height, width)")
+        if reason is None and inputs[0].dim() != 4:
+            reason = f"input of shape {tuple(inputs[0].shape)} is not (batch, channels, height, width)"
+        return reason
 
     def prepare(self, module, captures, grads) -> MatrixLayer:
         xs = [upcast(unfold_patches(module, c.inputs[0])) for c in captures]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LayerHandler, trainable, upcast
+from .base import LayerHandler, check_batched_input, trainable, upcast
 
 
 def _ids_and_grads(captures, grads) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +32,12 @@ class EmbeddingHandler(LayerHandler):
             return "max_norm renormalises rows in place during the forward pass"
         if module.sparse:
             return "sparse gradients are not supported"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq scales by token counts over the whole batch (it mixes samples)"
         return None
+
+    def check_call(self, module, inputs, output) -> str | None:
+        return check_batched_input(inputs, 1, "(batch, ...) token ids")
 
     def prepare(self, module, captures, grads) -> tuple[torch.Tensor, torch.Tensor]:
         ids, g = _ids_and_grads(captures, grads)

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from timm.layers import Linear as TimmLinear
 from torch import nn
 
-from .base import LayerHandler, trainable, upcast
+from .base import LayerHandler, check_batched_input, trainable, upcast
 
 
 def stack_tokens(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -75,9 +76,13 @@ class MatrixLayer:
 
 class LinearHandler(LayerHandler):
     module_types = (nn.Linear,)
+    equivalent_forwards = (TimmLinear.forward,)  # F.linear, with a cast only under torchscript
 
     def covers(self, module: nn.Module) -> set[str]:
         return {"weight", "bias"}
+
+    def check_call(self, module, inputs, output) -> str | None:
+        return check_batched_input(inputs, 2, f"(batch, ..., {module.in_features})")
 
     def prepare(self, module, captures, grads) -> MatrixLayer:
         return MatrixLayer.of(module, stack_tokens([c.inputs[0] for c in captures]), stack_tokens(grads))

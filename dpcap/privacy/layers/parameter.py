@@ -25,6 +25,11 @@ class LearnedPositionsHandler(LayerHandler):
     def covers(self, module: nn.Module) -> set[str]:
         return {"weight"}
 
+    def check_call(self, module, inputs, output) -> str | None:
+        if output.dim() != 3:
+            return f"output of shape {tuple(output.shape)} is not (batch, positions, width)"
+        return None
+
     def prepare(self, module, captures, grads) -> list[torch.Tensor]:
         if not trainable(module, "weight"):
             return []
@@ -53,11 +58,19 @@ class VisionTransformerTokensHandler(LayerHandler):
     """timm VisionTransformer's own `cls_token` and `pos_embed`, read off the token stream at `norm_pre`."""
 
     module_types = (VisionTransformer,)
+    requires_known_forward = False  # the token stream is read at `norm_pre`; what matters is `_pos_embed`
 
     def covers(self, module: nn.Module) -> set[str]:
         return {"cls_token", "pos_embed"}
 
+    def check_call(self, module, inputs, output) -> str | None:
+        if output.dim() != 3:
+            return f"token stream at norm_pre of shape {tuple(output.shape)} is not (batch, tokens, width)"
+        return None
+
     def check(self, module: nn.Module) -> str | None:
+        if type(module)._pos_embed is not VisionTransformer._pos_embed:
+            return f"{type(module).__qualname__} overrides _pos_embed (cls_token/pos_embed are read off its output)"
         pos_drop = getattr(module.pos_drop, "p", 0.0)
         if module.reg_token is not None or getattr(module, "dynamic_img_size", False):
             return "register tokens and dynamic image size are not supported"
