@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=10")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its LAST checkpoint")
+    train.add_argument(
+        "--allow-privacy-change",
+        action="store_true",
+        help="resume although the config changes the stored privacy plan (recorded as a new ledger segment)",
+    )
     _add_json(train)
 
     export = commands.add_parser("export", help="export a run's encoder for timm / transformers with its privacy card")
@@ -243,7 +248,7 @@ def _cmd_train(args: argparse.Namespace) -> dict:
         config_path, overrides = saved, [*overrides, f"run_dir={args.resume}"]
     if config_path is None and not overrides:
         raise ConfigError("give a CONFIG file (see configs/), key=value overrides, or --resume RUN_DIR")
-    return train(load_config(config_path, overrides))
+    return train(load_config(config_path, overrides), allow_privacy_change=args.allow_privacy_change)
 
 
 def _cmd_export(args: argparse.Namespace) -> dict:

@@ -8,6 +8,7 @@ into the run folder as `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -248,10 +249,14 @@ def validate(config: RunConfig) -> None:
     _validate_tricks(config)
     if p.sigma is None and p.epsilon is None:
         raise ConfigError("set privacy.sigma (0 = non-private) or privacy.epsilon (σ is then calibrated)")
-    if p.sigma is not None and p.sigma < 0:
-        raise ConfigError(f"privacy.sigma must be ≥ 0, got {p.sigma}")
-    if p.epsilon is not None and p.epsilon <= 0:
-        raise ConfigError(f"privacy.epsilon must be > 0, got {p.epsilon}")
+    if p.sigma is not None and not 0 <= p.sigma < math.inf:  # also refuses NaN
+        raise ConfigError(f"privacy.sigma must be finite and ≥ 0, got {p.sigma}")
+    if p.epsilon is not None and not 0 < p.epsilon < math.inf:
+        # ε = ∞ would calibrate σ = 0 without saying so: a non-private run is asked for with privacy.sigma=0.
+        raise ConfigError(
+            f"privacy.epsilon must be finite and > 0, got {p.epsilon} (for a non-private baseline set "
+            "privacy.sigma=0 and privacy.epsilon=null)"
+        )
     if p.delta is not None and not 0 < p.delta < 1:
         raise ConfigError(f"privacy.delta must be in (0, 1), got {p.delta}")
     if not config.data.shards:

@@ -61,6 +61,8 @@ def _card_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
+    if isinstance(value, (list, tuple, dict)):  # ledger segments, recorded plan changes
+        return json.dumps(value, sort_keys=True)
     return str(value)
 
 
@@ -77,8 +79,15 @@ def not_private_reasons(card: Mapping[str, Any]) -> list[str]:
     seed = card.get("insecure_noise_seed")
     if seed is not None and str(seed).strip().lower() not in _UNSET_WORDS:
         reasons.append(f"noise drawn from a fixed, known seed (privacy.insecure_noise_seed = {seed})")
+    if str(card.get("insecure_seed_ever", "false")).strip().lower() not in _UNSET_WORDS | _FALSE_WORDS and not seed:
+        reasons.append("a fixed, known noise or sampler seed was used at some point of the run")
+    segments = card.get("segments") or []
+    if isinstance(segments, str):
+        segments = json.loads(segments) if segments.strip() else []
+    if any(float(seg["sigma"]) <= 0 for seg in segments) and not (sigma is not None and sigma <= 0):
+        reasons.append("some steps were taken without noise (a sigma = 0 segment in the ledger)")
     epsilon = _as_float(card.get("epsilon"), "epsilon")
-    if epsilon is not None and not math.isfinite(epsilon):
+    if epsilon is None or not math.isfinite(epsilon):
         reasons.append("no finite epsilon")
     if str(card.get("private", "true")).strip().lower() in _FALSE_WORDS and not reasons:
         reasons.append("the training run marked itself not private")

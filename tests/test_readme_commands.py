@@ -56,6 +56,8 @@ def test_readme_command_parses(line: str, capsys) -> None:
     except SystemExit as exit_info:
         pytest.fail(f"README command does not parse (exit {exit_info.code}): {line}\n{capsys.readouterr().err}")
     assert with_json.json is True and args.json is False
+    if args.command == "train" and args.config and "=" in args.config:  # as dpcap.cli reads `train KEY=VALUE …`
+        args.config, args.overrides = None, [args.config, *args.overrides]
     if args.command in ("train", "audit") and args.config:
         # The overrides name real config keys with values of the right type.
         config = load_config(REPO / args.config, args.overrides)

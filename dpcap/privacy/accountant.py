@@ -416,6 +416,37 @@ class Ledger:
         extra = Segment(_check_sigma(sigma), _check_sample_rate(sample_rate), _check_steps(steps))
         return _epsilon_of([*self._segments, extra], _check_delta(delta), _check_accountant(accountant))
 
+    def calibrate_sigma(
+        self,
+        budget: float,
+        *,
+        sample_rate: float,
+        steps: int,
+        delta: float,
+        accountant: str = "prv",
+        rtol: float = 1e-3,
+    ) -> float:
+        """The smallest σ (to ``rtol``) whose ``steps`` more steps at rate ``sample_rate`` keep ε(δ) of the
+        whole ledger within ``budget`` (a resumed run whose plan changed spends only what is left).
+
+        ``ConfigError`` when the recorded steps alone already spend the budget.
+        """
+        budget = _check_real("budget", budget)
+        sample_rate, steps = _check_sample_rate(sample_rate), _check_steps(steps)
+        delta, accountant = _check_delta(delta), _check_accountant(accountant)
+        if steps == 0 or budget == math.inf:
+            return 0.0
+        spent = self.epsilon(delta, accountant=accountant)
+        if spent >= budget:
+            raise ConfigError(
+                f"the recorded {self.steps} steps already spend ε = {spent:.4f} of the budget {budget:.4f}"
+            )
+
+        def eps_of(s: float) -> float:
+            return self.epsilon_after(sigma=s, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant)
+
+        return _bisect_log(eps_of, budget, *_bracket(eps_of, budget, 1.0, 2.0), rtol)
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: ``{"version": 1, "segments": [{"sigma", "sample_rate", "steps"}, …]}``."""
         return {"version": self._VERSION, "segments": [seg._asdict() for seg in self._segments]}

@@ -11,8 +11,9 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +32,10 @@ from dpcap.data.sampler import PoissonSampler
 from dpcap.errors import BudgetExceededError, ConfigError
 from dpcap.model import create_captioner, get_tokenizer
 from dpcap.privacy import Clipper
-from dpcap.privacy.accountant import Ledger, calibrate_sigma, epsilon
+from dpcap.privacy.accountant import Ledger
 from dpcap.privacy.noise import secret_generator
 from dpcap.train.metrics import MetricWriter, plot_curves, truncate_metrics
+from dpcap.train.plan import PrivacyPlan, resolve_plan
 from dpcap.train.reduce import make_reducer
 from dpcap.train.state import (
     TrainState,
@@ -44,87 +46,11 @@ from dpcap.train.state import (
     save_checkpoint,
 )
 from dpcap.train.step import logical_step
-from dpcap.train.tricks import EMA, augmentation_seed, load_public_weights
+from dpcap.train.tricks import EMA, StepTricks, augmentation_seed, load_public_weights
 from dpcap.train.world import World, detect_world, device_for, init_distributed
 
 # Relative slack on the ε budget: calibrate_sigma is exact to 1e-3 in σ, not in ε.
 _BUDGET_RTOL = 1e-6
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """Everything the accountant needs, fixed at the start of a run (and saved in every checkpoint)."""
-
-    num_samples: int
-    sample_rate: float
-    sigma: float
-    delta: float
-    max_grad_norm: float
-    accountant: str
-    epsilon_budget: float  # inf for the non-private baseline
-    insecure: bool  # a fixed noise or sampler seed: the run carries no guarantee
-    recipe: dict = field(default_factory=dict)  # what else shaped the weights (see training_recipe)
-
-    @property
-    def private(self) -> bool:
-        return self.sigma > 0 and not self.insecure
-
-    def card(self, steps: int, spent: float) -> dict:
-        return {
-            "epsilon": spent if math.isfinite(spent) else None,
-            "delta": self.delta,
-            "sigma": self.sigma,
-            "sample_rate": self.sample_rate,
-            "steps": steps,
-            "num_samples": self.num_samples,
-            "max_grad_norm": self.max_grad_norm,
-            "accountant": self.accountant,
-            "sampling": "poisson",
-            "epsilon_budget": self.epsilon_budget if math.isfinite(self.epsilon_budget) else None,
-            "private": self.private,
-            **self.recipe,
-        }
-
-
-def training_recipe(config: RunConfig) -> dict:
-    """The switches beside (σ, q, T, C) that shaped the weights, for the privacy card.
-
-    None of them changes ε (public data and public weights are not accounted for; EMA and K views
-    are post-processing / per-example functions), but a reader of the card must know that the
-    weights also depend on public data (``public_data``, ``init_from``): the guarantee covers the
-    private training set only.
-    """
-    t, m, d = config.train, config.model, config.data
-    return {
-        "augmentation_multiplicity": t.augmentation_multiplicity,
-        "ema_decay": t.ema_decay,
-        "init_from": m.init_from,
-        "public_pull": t.public_pull,
-        "public_data": d.public_shards,
-        "public_batch_size": t.public_batch_size,
-        "public_weight": t.public_weight,
-        "frozen_parameters": ",".join(m.freeze),
-    }
-
-
-def plan_privacy(config: RunConfig, num_samples: int) -> PrivacyPlan:
-    """σ (given or calibrated), q = batch_size / N, δ (default 1/N) and the ε budget."""
-    p, t = config.privacy, config.train
-    if t.batch_size > num_samples:
-        raise ConfigError(f"train.batch_size {t.batch_size} exceeds the data set size {num_samples} (q must be ≤ 1)")
-    q = t.batch_size / num_samples
-    delta = p.delta if p.delta is not None else 1.0 / num_samples
-    if p.sigma == 0 and p.epsilon is not None:
-        raise ConfigError("privacy.sigma = 0 (non-private) cannot meet privacy.epsilon; drop one of them")
-    sigma = p.sigma if p.sigma is not None else calibrate_sigma(p.epsilon, q, t.steps, delta, accountant=p.accountant)
-    if p.epsilon is not None:
-        budget = p.epsilon
-    else:
-        budget = epsilon(sigma, q, t.steps, delta, accountant=p.accountant) if sigma > 0 else math.inf
-    insecure = p.insecure_noise_seed is not None or p.insecure_sampler_seed is not None
-    return PrivacyPlan(
-        num_samples, q, sigma, delta, p.max_grad_norm, p.accountant, budget, insecure, training_recipe(config)
-    )
 
 
 def lr_at(step: int, config: RunConfig) -> float:
@@ -188,57 +114,116 @@ def _noise_generator(plan_seed: int | None, step: int, device: torch.device, cur
     return secret_generator(device=device, insecure_seed=(plan_seed * 1_000_003 + step) % 2**63)
 
 
-def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: int | None = None) -> dict:
-    """Train (or resume) the run in `config.run_dir`; returns a summary dict (also the CLI's JSON)."""
+def train(
+    config: RunConfig,
+    *,
+    world: World | None = None,
+    max_steps_this_run: int | None = None,
+    allow_privacy_change: bool = False,
+) -> dict:
+    """Train (or resume) the run in `config.run_dir`; returns a summary dict (also the CLI's JSON).
+
+    `allow_privacy_change`: resume even though the config changes the stored privacy plan (the
+    change is recorded, see dpcap.train.plan); without it such a resume is refused (exit 2).
+    """
     world = world or detect_world()
     init_distributed(world)
-    reducer = make_reducer(world)
-    run_dir = Path(config.run_dir)
-    device = device_for(world, config.train.device)
-    index = ShardIndex(config.data.shards)
-    plan = plan_privacy(config, len(index))
+    run = _start(config, world, allow_privacy_change)
+    steps = config.train.steps
+    end = steps if max_steps_this_run is None else min(steps, run.state.step + max_steps_this_run)
+    try:
+        stopped_by = _loop(run, end)
+    finally:
+        run.close()
+    return _finish(run, stopped_by)
 
+
+@dataclass
+class _Run:
+    """What the step loop needs, assembled by `_start`."""
+
+    config: RunConfig
+    world: World
+    reducer: Any
+    device: torch.device
+    run_dir: Path
+    plan: PrivacyPlan
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    ledger: Ledger
+    ema: EMA | None
+    anchors: list[torch.Tensor] | None
+    reader: SampleReader
+    public_reader: SampleReader | None
+    clipper: Clipper | None = None
+    sampler: PoissonSampler | None = None
+    step_loader: StepLoader | None = None
+    writer: MetricWriter | None = None
+    generator: torch.Generator | None = None  # rank 0's secret noise generator (invariant 4)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.step_loader is not None:
+            self.step_loader.close()
+
+
+def _start(config: RunConfig, world: World, allow_privacy_change: bool) -> _Run:
+    """Data, model, resume, privacy plan, readers; then the run folder, the backend and the logger."""
+    index = ShardIndex(config.data.shards)
+    device = device_for(world, config.train.device)
     model = build_model(config).to(device)
     anchors = _public_warm_start(config, model)
     optimizer = make_optimizer(model, config)
+    run_dir = Path(config.run_dir)
+    reducer = make_reducer(world)
     checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
-        ledger = Ledger.from_state_dict(state.ledger)
-        if world.is_main:
-            truncate_metrics(run_dir / "metrics.jsonl", state.step)
-    else:
-        seed = config.privacy.insecure_sampler_seed
-        seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        # The sampling secret is drawn once (rank 0) and shared: every rank must draw the same ids.
-        state, ledger = TrainState(step=0, sampler_seed=reducer.broadcast_int(seed), ledger={}), Ledger()
-        if world.is_main:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    state, ledger, stored_plan = _resume(checkpoint, model, optimizer, reducer, config)
+    plan = resolve_plan(config, len(index), stored_plan, ledger, step=state.step, allow_change=allow_privacy_change)
     ema = None
     if config.train.ema_decay is not None:  # e_0 = θ_0, or the EMA saved with the checkpoint
         ema = EMA(model, config.train.ema_decay, load_ema(checkpoint) if checkpoint is not None else None)
-    cfg = model.config
+    transform = image_transform(model.image_size, model.config.image_mean, model.config.image_std)
     tokenizer = get_tokenizer(config.model.size, **config.model.overrides())
-    transform = image_transform(model.image_size, cfg.image_mean, cfg.image_std)
     reader = SampleReader(config.data.shards, transform, tokenizer)
     public_reader = SampleReader(config.data.public_shards, transform, tokenizer) if config.data.public_shards else None
+    run = _Run(
+        config,
+        world,
+        reducer,
+        device,
+        run_dir,
+        plan,
+        model,
+        optimizer,
+        state,
+        ledger,
+        ema,
+        anchors,
+        reader,
+        public_reader,
+    )
     # Created only now, after the checks a user can fail (data, privacy plan, model, public data):
     # a start that fails with exit 2 leaves no empty run folder behind.
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         save_config(config, run_dir / "config.yaml")
+        if checkpoint is not None:
+            truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        else:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if config.train.backend == "deepspeed":  # after the resume: ZeRO partitions the optimizer state it loaded
         from dpcap.train.reduce_deepspeed import deepspeed_backend
 
-        reducer, optimizer = deepspeed_backend(
+        run.reducer, run.optimizer = deepspeed_backend(
             model, optimizer, world, zero_stage=config.train.zero_stage, micro_batch_size=config.train.micro_batch_size
         )
-
-    clipper = Clipper(model, plan.max_grad_norm) if plan.sigma > 0 else None
-    sampler = PoissonSampler(plan.num_samples, plan.sample_rate, state.sampler_seed)
+    run.clipper = Clipper(model, plan.max_grad_norm) if plan.sigma > 0 else None
+    run.sampler = PoissonSampler(plan.num_samples, plan.sample_rate, state.sampler_seed)
     # Reader workers live for the whole run (a new pool every step would cost more than the reading).
-    step_loader = StepLoader(reader, config.data.num_workers) if config.data.num_workers > 0 else None
-    writer = MetricWriter(
+    run.step_loader = StepLoader(reader, config.data.num_workers) if config.data.num_workers > 0 else None
+    run.writer = MetricWriter(
         run_dir,
         total_steps=config.train.steps,
         wandb_mode=config.log.wandb,
@@ -248,86 +233,113 @@ def train(config: RunConfig, *, world: World | None = None, max_steps_this_run: 
         enabled=world.is_main,
         start_step=state.step,
     )
-    generator = None
-    end = config.train.steps if max_steps_this_run is None else min(config.train.steps, state.step + max_steps_this_run)
-    stopped_by = None
-    try:
-        with StopFlag() as stop:
-            while state.step < end:
-                _guard_budget(ledger, plan)
-                step = state.step
-                started = time.perf_counter()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, config)
-                ids = rank_share(sampler.indices(step), world.rank, world.world_size)
-                micro_batches = split_micro_batches(ids, config.train.micro_batch_size)
-                batches = step_loader.step(micro_batches) if step_loader else MicroBatchLoader(reader, micro_batches)
-                if world.is_main:  # the only noise draw of the step happens on rank 0 (invariant 3)
-                    generator = _noise_generator(config.privacy.insecure_noise_seed, step, device, generator)
-                stats = logical_step(
-                    model,
-                    batches,
-                    clipper=clipper,
-                    optimizer=optimizer,
-                    reducer=reducer,
-                    noise_std=plan.sigma * plan.max_grad_norm,
-                    generator=generator,
-                    expected_batch_size=plan.num_samples * plan.sample_rate,
-                    device=device,
-                    precision=config.train.precision,
-                    augmentation_multiplicity=config.train.augmentation_multiplicity,
-                    augment_generator=_augment_generator(config, state.sampler_seed, step, world.rank),
-                    public_batch=_public_batch(public_reader, step, config.train.public_batch_size),
-                    public_weight=config.train.public_weight,
-                    anchors=anchors,
-                    public_pull=config.train.public_pull,
-                )
-                if ema is not None:
-                    ema.update(model)
-                ledger.record(plan.sigma, plan.sample_rate)
-                state.step = step + 1
-                stats.reduce(reducer)
-                stop_requested = reducer.sum_scalars([float(stop.signal is not None)])[0] > 0
-                spent = ledger.epsilon(plan.delta, accountant=plan.accountant) if plan.sigma > 0 else math.inf
-                record = {
-                    "step": state.step,
-                    **stats.summary(),
-                    "epsilon": spent if math.isfinite(spent) else None,
-                    "lr": lr_at(step, config),
-                    "seconds": time.perf_counter() - started,
-                }
-                if record["loss"] is None:
-                    record.pop("loss")
-                writer.write(record)
-                due = state.step % config.train.checkpoint_every == 0 or state.step == end or stop_requested
-                if due and (world.is_main or reducer.shards_optimizer_state):
-                    moments = optimizer_tensors(optimizer)  # under ZeRO: a gather every rank must join
-                    if world.is_main:
-                        state.ledger, state.privacy = ledger.state_dict(), plan.card(state.step, spent)
-                        save_checkpoint(
-                            run_dir,
-                            model,
-                            moments,
-                            state,
-                            keep=config.train.keep_checkpoints,
-                            ema=ema.state_dict() if ema is not None else None,
-                        )
-                if stop_requested:
-                    stopped_by = signal.Signals(stop.signal).name if stop.signal else "signal on another rank"
-                    break
-    finally:
-        writer.close()
-        if step_loader is not None:
-            step_loader.close()
-    spent = ledger.epsilon(plan.delta, accountant=plan.accountant) if plan.sigma > 0 else math.inf
-    if world.is_main:
-        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    return run
+
+
+def _resume(checkpoint: Path | None, model, optimizer, reducer, config: RunConfig):
+    """(state, ledger, stored plan) from the LAST checkpoint, or a fresh start with a new secret sampler seed."""
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        stored = state.extra.get("plan")
+        if stored is not None:
+            plan = PrivacyPlan.from_state(stored)
+        else:  # written before plans were stored: the card has the same fields
+            plan = PrivacyPlan.from_card(state.privacy) if state.privacy else None
+        return state, Ledger.from_state_dict(state.ledger), plan
+    seed = config.privacy.insecure_sampler_seed
+    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    # The sampling secret is drawn once (rank 0) and shared: every rank must draw the same ids.
+    return TrainState(step=0, sampler_seed=reducer.broadcast_int(seed), ledger={}), Ledger(), None
+
+
+def _loop(run: _Run, end: int) -> str | None:
+    """Logical steps until `end` or a stop signal (then checkpoint at the step boundary); returns the signal."""
+    with StopFlag() as stop:
+        while run.state.step < end:
+            _guard_budget(run.ledger, run.plan)
+            record = _one_step(run)
+            stop_requested = run.reducer.sum_scalars([float(stop.signal is not None)])[0] > 0
+            run.writer.write(record)
+            if run.state.step % run.config.train.checkpoint_every == 0 or run.state.step == end or stop_requested:
+                _checkpoint(run)
+            if stop_requested:
+                return signal.Signals(stop.signal).name if stop.signal else "signal on another rank"
+    return None
+
+
+def _one_step(run: _Run) -> dict:
+    """Draw, read, clip, noise once, update; record the step in the ledger; return its metrics record."""
+    config, world, plan, step = run.config, run.world, run.plan, run.state.step
+    started = time.perf_counter()
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, config)
+    ids = rank_share(run.sampler.indices(step), world.rank, world.world_size)
+    micro_batches = split_micro_batches(ids, config.train.micro_batch_size)
+    batches = run.step_loader.step(micro_batches) if run.step_loader else MicroBatchLoader(run.reader, micro_batches)
+    if world.is_main:  # the only noise draw of the step happens on rank 0 (invariant 3)
+        run.generator = _noise_generator(config.privacy.insecure_noise_seed, step, run.device, run.generator)
+    tricks = StepTricks(
+        augmentation_multiplicity=config.train.augmentation_multiplicity,
+        augment_generator=_augment_generator(config, run.state.sampler_seed, step, world.rank),
+        public_batch=_public_batch(run.public_reader, step, config.train.public_batch_size),
+        public_weight=config.train.public_weight,
+        anchors=run.anchors,
+        public_pull=config.train.public_pull,
+    )
+    stats = logical_step(
+        run.model,
+        batches,
+        clipper=run.clipper,
+        optimizer=run.optimizer,
+        reducer=run.reducer,
+        noise_std=plan.sigma * plan.max_grad_norm,
+        generator=run.generator,
+        expected_batch_size=plan.num_samples * plan.sample_rate,
+        device=run.device,
+        precision=config.train.precision,
+        tricks=tricks,
+    )
+    if run.ema is not None:
+        run.ema.update(run.model)
+    run.ledger.record(plan.sigma, plan.sample_rate)
+    run.state.step = step + 1
+    stats.reduce(run.reducer)
+    spent = run.ledger.epsilon(plan.delta, accountant=plan.accountant)
+    record = {
+        "step": run.state.step,
+        **stats.summary(),
+        "epsilon": spent if math.isfinite(spent) else None,
+        "lr": lr_at(step, config),
+        "seconds": time.perf_counter() - started,
+    }
+    if record["loss"] is None:
+        record.pop("loss")
+    return record
+
+
+def _checkpoint(run: _Run) -> None:
+    """Weights, moments, EMA, and the state: step, sampler seed, ledger, plan and card (invariant 5)."""
+    if not (run.world.is_main or run.reducer.shards_optimizer_state):
+        return
+    moments = optimizer_tensors(run.optimizer)  # under ZeRO: a gather every rank must join
+    if not run.world.is_main:
+        return
+    state = run.state
+    state.ledger, state.privacy = run.ledger.state_dict(), run.plan.card(run.ledger)
+    state.extra["plan"] = run.plan.to_state()
+    ema = run.ema.state_dict() if run.ema is not None else None
+    save_checkpoint(run.run_dir, run.model, moments, state, keep=run.config.train.keep_checkpoints, ema=ema)
+
+
+def _finish(run: _Run, stopped_by: str | None) -> dict:
+    if run.world.is_main:
+        plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
     return {
-        "run_dir": str(run_dir),
-        "step": state.step,
-        "done": state.step >= config.train.steps,
+        "run_dir": str(run.run_dir),
+        "step": run.state.step,
+        "done": run.state.step >= run.config.train.steps,
         "stopped_by": stopped_by,
-        **plan.card(state.step, spent),
+        **run.plan.card(run.ledger),
     }
 
 
@@ -359,7 +371,7 @@ def _public_batch(reader: SampleReader | None, step: int, size: int):
 
 def _guard_budget(ledger: Ledger, plan: PrivacyPlan) -> None:
     """Invariant 5: refuse (exit 3) a step that would take ε past the budget."""
-    if plan.sigma == 0:
+    if math.isinf(plan.epsilon_budget):  # the non-private baseline (or a run that once was one)
         return
     after = ledger.epsilon_after(
         sigma=plan.sigma, sample_rate=plan.sample_rate, steps=1, delta=plan.delta, accountant=plan.accountant

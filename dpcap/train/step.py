@@ -18,7 +18,7 @@ import torch
 from dpcap.data.reader import Batch
 from dpcap.privacy import Clipper
 from dpcap.train.metrics import NonFiniteLossError
-from dpcap.train.tricks import mix_public_, pull_toward_, random_resized_flip
+from dpcap.train.tricks import NO_TRICKS, StepTricks, mix_public_, pull_toward_, random_resized_flip
 
 
 @dataclass
@@ -121,16 +121,11 @@ def logical_step(
     expected_batch_size: float,
     device: torch.device,
     precision: str = "fp32",
-    augmentation_multiplicity: int = 1,
-    augment_generator: torch.Generator | None = None,
-    public_batch: Batch | None = None,
-    public_weight: float = 0.0,
-    anchors: list[torch.Tensor] | None = None,
-    public_pull: float = 0.0,
+    tricks: StepTricks = NO_TRICKS,
 ) -> StepStats:
     """Run one logical step over `batches`; `clipper=None` (σ = 0) is the non-private baseline.
 
-    Optional tricks (dpcap.train.tricks): K augmented views per example averaged before clipping; after
+    Optional `tricks` (dpcap.train.tricks): K augmented views per example averaged before clipping; after
     the noisy DP update is formed, mixing with a public batch's mean gradient (weight w) and a pull
     λ·(θ − θ_public) toward the public `anchors` — post-processing that leaves the accounting unchanged.
     """
@@ -143,7 +138,12 @@ def logical_step(
         if len(batch) == 0:
             continue
         losses = example_losses(
-            model, batch, device, precision, multiplicity=augmentation_multiplicity, generator=augment_generator
+            model,
+            batch,
+            device,
+            precision,
+            multiplicity=tricks.augmentation_multiplicity,
+            generator=tricks.augment_generator,
         )
         if clipper is not None:
             norms = clipper.backward(losses)
@@ -157,11 +157,10 @@ def logical_step(
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     reducer.finish(params, noise_std=noise_std, generator=generator, expected_batch_size=expected_batch_size)
-    if public_batch is not None and len(public_batch):
-        mix_public_(
-            params, public_mean_gradient(model, params, public_batch, device, precision, clipper), public_weight
-        )
-    if anchors is not None and public_pull > 0:
-        pull_toward_(params, anchors, public_pull)
+    if tricks.public_batch is not None and len(tricks.public_batch):
+        public_gradient = public_mean_gradient(model, params, tricks.public_batch, device, precision, clipper)
+        mix_public_(params, public_gradient, tricks.public_weight)
+    if tricks.anchors is not None and tricks.public_pull > 0:
+        pull_toward_(params, tricks.anchors, tricks.public_pull)
     optimizer.step()
     return stats

@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +24,26 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from dpcap.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class StepTricks:
+    """The optional tricks of one logical step (the defaults switch every one off).
+
+    `augmentation_multiplicity` K views per example averaged before clipping, their randomness from
+    `augment_generator`; `public_batch` mixed into the noisy update with `public_weight`; a pull of
+    strength `public_pull` toward the public weights `anchors`.
+    """
+
+    augmentation_multiplicity: int = 1
+    augment_generator: torch.Generator | None = None
+    public_batch: Any = None  # a dpcap.data.reader.Batch of public data
+    public_weight: float = 0.0
+    anchors: list[torch.Tensor] | None = None
+    public_pull: float = 0.0
+
+
+NO_TRICKS = StepTricks()
 
 # Random resized crop: area fraction and aspect-ratio ranges (torchvision's defaults, area raised to 0.35).
 _CROP_SCALE = (0.35, 1.0)

@@ -18,7 +18,7 @@ from dpcap.train.loop import _public_warm_start, build_model, train
 from dpcap.train.reduce import LocalReducer
 from dpcap.train.state import load_ema
 from dpcap.train.step import example_losses, logical_step
-from dpcap.train.tricks import load_public_weights, random_resized_flip
+from dpcap.train.tricks import StepTricks, load_public_weights, random_resized_flip
 from tests.conftest import train_overrides
 from tests.privacy.oracle import naive_clipped_sum
 
@@ -209,8 +209,7 @@ def test_public_weight_one_feeds_exactly_the_public_mean_gradient(tiny_shards, t
         generator=torch.Generator().manual_seed(0),
         expected_batch_size=8.0,
         device=torch.device("cpu"),
-        public_batch=public,
-        public_weight=1.0,
+        tricks=StepTricks(public_batch=public, public_weight=1.0),
     )
     for got, want in zip(optimizer.grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
