@@ -379,5 +379,6 @@ def _guard_budget(ledger: Ledger, plan: PrivacyPlan) -> None:
     if after > plan.epsilon_budget * (1 + _BUDGET_RTOL):
         raise BudgetExceededError(
             f"the next step would spend ε = {after:.4f} > budget {plan.epsilon_budget:.4f} "
-            f"(after {ledger.steps} steps at σ = {plan.sigma:.4f}, q = {plan.sample_rate:.3g}, δ = {plan.delta:.3g})"
+            f"(one more step at σ = {plan.sigma:.4f}, q = {plan.sample_rate:.3g}, δ = {plan.delta:.3g} after the "
+            f"{ledger.steps} steps in the ledger)"
         )
