@@ -8,6 +8,7 @@ With `--json` the last stdout line is one JSON object. Exit codes: 0 done; 2 the
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import re
@@ -387,6 +388,14 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).strip().replace("\n", " | ")
         print(f"error: {message}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # outside the training loop (which checkpoints at a step boundary on SIGINT)
+        print("error: interrupted (SIGINT); a run resumes from its LAST checkpoint", file=sys.stderr)
+        return EXIT_STOPPED
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device ({err.filename or err}): free space and run again", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result, sort_keys=False))
     else:

@@ -240,8 +240,22 @@ def validate(config: RunConfig) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
-    if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0 or not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError("train.lr must be > 0, train.warmup_steps and train.weight_decay ≥ 0, min_lr_ratio in [0, 1]")
+    # `not (a < x < b)` rather than `x <= a`: NaN fails every comparison and must be refused too.
+    for key, value in {"train.lr": t.lr, "privacy.max_grad_norm": p.max_grad_norm}.items():
+        if not 0 < value < math.inf:
+            raise ConfigError(f"{key} must be finite and > 0, got {value}")
+    if not 0 <= t.weight_decay < math.inf:
+        raise ConfigError(f"train.weight_decay must be finite and ≥ 0, got {t.weight_decay}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be ≥ 0, got {t.warmup_steps}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(t.betas)}")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device):
+        raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
     if t.zero_stage not in (0, 1, 2):  # ZeRO-3 would partition the very weights the clipper reads
         raise ConfigError(f"train.zero_stage must be 0, 1 or 2, got {t.zero_stage!r}")
     if t.zero_stage and t.backend != "deepspeed":
@@ -269,7 +283,7 @@ def _validate_tricks(config: RunConfig) -> None:
         raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
     if t.augmentation_multiplicity < 1:
         raise ConfigError(f"train.augmentation_multiplicity must be ≥ 1, got {t.augmentation_multiplicity}")
-    if t.public_pull < 0 or t.public_batch_size < 0 or not 0 <= t.public_weight <= 1:
+    if not 0 <= t.public_pull < math.inf or t.public_batch_size < 0 or not 0 <= t.public_weight <= 1:
         raise ConfigError("train.public_pull and train.public_batch_size must be ≥ 0, train.public_weight in [0, 1]")
     if t.public_pull > 0 and not config.model.init_from:
         raise ConfigError("train.public_pull > 0 needs model.init_from (the public weights to pull toward)")

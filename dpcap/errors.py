@@ -27,6 +27,10 @@ class PrivacyError(DpcapError):
     """A model or setting the privacy engine cannot handle (e.g. an uncovered parameter)."""
 
 
+class StorageError(DpcapError):
+    """The run folder cannot be written: its disk is full, or another trainer holds it (exit code 2)."""
+
+
 class BudgetExceededError(DpcapError):
     """The next step would cross the run's epsilon budget (exit code 3: never requeue)."""
 

@@ -3,12 +3,22 @@
 Sources
 -------
 * a folder of images (``.png .jpg .jpeg .webp .bmp .gif .tif .tiff``, searched recursively) with a
-  same-stem ``.txt`` caption and an optional same-stem ``.json`` metadata object;
+  same-stem ``.txt`` caption and an optional same-stem ``.json`` metadata object. Symbolic links are
+  never followed out of the folder: a linked image, caption or ``.json`` whose target (fully resolved)
+  lies outside the source folder makes its sample skipped as ``symlink_outside_source`` (the target is
+  never read), and so does each linked subfolder that resolves outside (counted once, not descended
+  into). A linked file whose target stays inside the folder is read through its resolved path; a
+  linked subfolder that stays inside is not descended into either (its files are reached through their
+  real folder, so following it would only duplicate them, or loop forever);
 * a ``.jsonl`` or ``.csv`` manifest with an ``image`` field (a path relative to the manifest's folder, or
-  absolute), a ``caption`` field and any other fields, which become the sample's metadata.
+  absolute), a ``caption`` field and any other fields, which become the sample's metadata. Image paths
+  are taken as the manifest names them, symlinks included: whoever writes the manifest chooses the files
+  (absolute paths are legitimate), and a caption is always the manifest's own text, never a file's.
 
-Every sample is validated before it is written: the image must decode fully with PIL (``load()``, then
-``convert("RGB")``) and the caption must be valid UTF-8, non-empty after ``strip()`` and at most
+Every sample is validated before it is written: the image's header must declare at most
+``max_image_pixels`` pixels (:data:`dpcap.data.layout.MAX_IMAGE_PIXELS` by default; checked before
+anything is decoded, skipped as ``too_many_pixels``), the image must decode fully with PIL (``load()``,
+then ``convert("RGB")``) and the caption must be valid UTF-8, non-empty after ``strip()`` and at most
 ``max_caption_chars`` characters. Bad samples are skipped and counted by reason (:data:`SKIP_REASONS`).
 Samples are visited in a deterministic order: a folder depth-first, names sorted at each level (a
 folder's own files, grouped by stem, before its subfolders); a manifest in row order. Both are
@@ -56,6 +66,7 @@ import itertools
 import json
 import os
 import tarfile
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -68,6 +79,7 @@ import numpy as np
 from dpcap.data.layout import (
     INDEX_COLUMNS,
     INDEX_DTYPE,
+    MAX_IMAGE_PIXELS,
     SHARD_PREFIX,
     SIZES_FILE,
     WDS_INDEX_FILE,
@@ -90,6 +102,8 @@ SKIP_REASONS = (
     "caption_too_long",
     "bad_metadata",
     "bad_manifest_row",
+    "symlink_outside_source",
+    "too_many_pixels",
 )
 
 
@@ -117,26 +131,31 @@ def build_shards(
     overwrite: bool = False,
     workers: int = 1,
     progress: bool = True,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Validate every sample of ``src`` and write the valid ones as shards into ``out_dir``.
 
     ``where`` keeps only samples whose metadata field equals the given value (compared as given, or
     as strings); filtered-out samples are neither written nor counted as skipped (rows too broken to
     filter are counted as ``bad_manifest_row``). An unfinished build of the same source and options
-    in ``out_dir`` is resumed after its last whole shard.
+    in ``out_dir`` is resumed after its last whole shard. Images whose header declares more than
+    ``max_image_pixels`` pixels are skipped undecoded (``too_many_pixels``); Pillow's own limit (it
+    refuses more than twice ``PIL.Image.MAX_IMAGE_PIXELS``) still applies above that.
     Returns ``{"written", "skipped": {reason: count}, "shards", "out", "resumed_shards"}``.
     """
     _check_positive("samples_per_shard", samples_per_shard)
     _check_positive("max_caption_chars", max_caption_chars)
     _check_positive("workers", workers)
+    _check_positive("max_image_pixels", max_image_pixels)
     src, out = Path(src), Path(out_dir)
     candidates = _source_candidates(src)
-    identity = _build_identity(src, samples_per_shard, max_caption_chars, where)
+    identity = _build_identity(src, samples_per_shard, max_caption_chars, where, max_image_pixels)
     state = _prepare_out(out, overwrite, identity)
     skipped: Counter[str] = Counter(state["skipped"])
     consumed = state["consumed"]
     with _ShardWriter(out, samples_per_shard, state["sizes"]) as writer, _progress_bar(progress, consumed) as bar:
-        for position, result in _validated(_kept(candidates, consumed, where, bar), max_caption_chars, workers):
+        kept = _kept(candidates, consumed, where, bar)
+        for position, result in _validated(kept, _ValidateOrReason(max_caption_chars, max_image_pixels), workers):
             bar.update(1)
             if isinstance(result, str):
                 skipped[result] += 1
@@ -174,14 +193,13 @@ def _progress_bar(enabled: bool, initial: int) -> Any:
 
 
 def _validated(
-    candidates: Iterator[tuple[int, _Candidate]], max_caption_chars: int, workers: int
+    candidates: Iterator[tuple[int, _Candidate]], check: _ValidateOrReason, workers: int
 ) -> Iterator[tuple[int, tuple[str, bytes, bytes, dict[str, Any]] | str]]:
     """``(position, validated sample or skip reason)`` in source order, decoded by ``workers`` processes.
 
     Candidates go to the pool one bounded chunk at a time (``Executor.map`` would submit the whole
     source at once, which for a LAION-sized manifest does not fit in memory).
     """
-    check = _ValidateOrReason(max_caption_chars)
     if workers == 1:
         yield from ((i, check(c)) for i, c in candidates)
         return
@@ -196,16 +214,23 @@ class _ValidateOrReason:
     """`_validate` as a picklable callable that returns the skip reason instead of raising it."""
 
     max_caption_chars: int
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __call__(self, cand: _Candidate) -> tuple[str, bytes, bytes, dict[str, Any]] | str:
         try:
-            return _validate(cand, self.max_caption_chars)
+            return _validate(cand, self.max_caption_chars, self.max_image_pixels)
         except _Skip as skip:
             return skip.args[0]
 
 
-def _build_identity(src: Path, samples_per_shard: int, max_caption_chars: int, where: Any) -> dict[str, Any]:
-    """What a resumed build must share with the one it continues (a changed manifest is a new build)."""
+def _build_identity(
+    src: Path, samples_per_shard: int, max_caption_chars: int, where: Any, max_image_pixels: int = MAX_IMAGE_PIXELS
+) -> dict[str, Any]:
+    """What a resumed build must share with the one it continues (a changed manifest is a new build).
+
+    The pixel cap is part of it only when it is not the default, so that a build left unfinished
+    before the cap existed still resumes.
+    """
     identity: dict[str, Any] = {
         "format": BUILD_STATE_FORMAT,
         "source": str(src.resolve()),
@@ -213,6 +238,8 @@ def _build_identity(src: Path, samples_per_shard: int, max_caption_chars: int, w
         "max_caption_chars": max_caption_chars,
         "where": sorted([str(k), str(v)] for k, v in (where or {}).items()),
     }
+    if max_image_pixels != MAX_IMAGE_PIXELS:
+        identity["max_image_pixels"] = max_image_pixels
     if src.is_file():
         stat = src.stat()
         identity["source_bytes"], identity["source_mtime_ns"] = stat.st_size, stat.st_mtime_ns
@@ -299,37 +326,74 @@ def _folder_candidates(src: Path) -> Iterator[_Candidate]:
     return itertools.chain([first], walk)
 
 
+_OUTSIDE = "symlink_outside_source"
+
+
 def _folder_iter(src: Path) -> Iterator[_Candidate]:
-    """Depth-first, names sorted; only one folder's listing is held at a time (plus the folders to visit)."""
+    """Depth-first, names sorted; only one folder's listing is held at a time (plus the folders to visit).
+
+    Symbolic links: see the module docstring (never followed out of ``src``; linked folders never walked).
+    """
+    root = Path(os.path.realpath(src))
     pending = [src]
     while pending:
         folder = pending.pop()
-        groups: dict[str, dict[str, list[Path]]] = {}
-        subfolders = []
+        groups: dict[str, dict[str, list[tuple[Path, Path | None]]]] = {}
+        subfolders, linked_out = [], []
         with os.scandir(folder) as entries:
             for entry in entries:
                 path = Path(entry.path)
                 if entry.is_dir():
-                    subfolders.append(path)
+                    if not entry.is_symlink():
+                        subfolders.append(path)
+                    elif not _inside(path, root):
+                        linked_out.append(path.name)
                     continue
                 suffix = path.suffix.lower()
                 kind = "image" if suffix in IMAGE_SUFFIXES else suffix.lstrip(".")
                 if kind in ("image", "txt", "json") and entry.is_file():
-                    groups.setdefault(path.stem, {}).setdefault(kind, []).append(path)
+                    groups.setdefault(path.stem, {}).setdefault(kind, []).append((path, _readable(entry, root)))
         for stem in sorted(groups):
             yield from _group_candidates(src, groups[stem])
+        for _ in linked_out:  # one skipped entry per linked folder outside the source (never descended into)
+            yield _Candidate(None, None, None, _OUTSIDE)
         pending.extend(sorted(subfolders, reverse=True))  # popped in sorted order
 
 
-def _group_candidates(src: Path, files: dict[str, list[Path]]) -> Iterator[_Candidate]:
-    """The samples of one stem: every image with the stem's caption and sidecar metadata."""
-    caption = files["txt"][0].read_bytes() if "txt" in files else None
-    meta = _sidecar_meta(files["json"][0]) if "json" in files else {}
-    error = "bad_metadata" if meta is None else None
-    for image in sorted(files.get("image", [])):
-        source = {"source": image.relative_to(src).as_posix()}
-        yield _Candidate(image, caption, None if meta is None else {**source, **meta}, error)
-    if "image" not in files and "txt" in files:
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, with every symlink resolved, lies in the (resolved) folder ``root``."""
+    return Path(os.path.realpath(path)).is_relative_to(root)
+
+
+def _readable(entry: os.DirEntry, root: Path) -> Path | None:
+    """The path to read a found file through: itself, its resolved target when a link into ``root``, or
+    None when it is a link whose target lies outside ``root`` (never read)."""
+    path = Path(entry.path)
+    if not entry.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    return target if target.is_relative_to(root) else None
+
+
+def _group_candidates(src: Path, files: dict[str, list[tuple[Path, Path | None]]]) -> Iterator[_Candidate]:
+    """The samples of one stem: every image with the stem's caption and sidecar metadata.
+
+    ``files`` maps a kind to ``(found path, path to read or None for a link out of the source)``; a
+    caption or sidecar linked out of the source skips every image of the stem, unread.
+    """
+    txt, side = files.get("txt", [None])[0], files.get("json", [None])[0]
+    if (txt is not None and txt[1] is None) or (side is not None and side[1] is None):
+        caption, meta, error = None, None, _OUTSIDE
+    else:
+        caption = txt[1].read_bytes() if txt is not None else None
+        meta = _sidecar_meta(side[1]) if side is not None else {}
+        error = "bad_metadata" if meta is None else None
+    for image, readable in sorted(files.get("image", []), key=lambda pair: pair[0]):
+        if readable is None or meta is None:  # unfiltered by `where` (like an unparseable row): counted
+            yield _Candidate(readable, caption, None, _OUTSIDE if readable is None else error)
+            continue
+        yield _Candidate(readable, caption, {"source": image.relative_to(src).as_posix(), **meta}, error)
+    if "image" not in files and txt is not None:
         yield _Candidate(None, caption, meta, error)
 
 
@@ -390,12 +454,14 @@ def _csv_iter(src: Path) -> Iterator[_Candidate]:
 # ---------------------------------------------------------------- validation
 
 
-def _validate(cand: _Candidate, max_caption_chars: int) -> tuple[str, bytes, bytes, dict[str, Any]]:
+def _validate(
+    cand: _Candidate, max_caption_chars: int, max_image_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[str, bytes, bytes, dict[str, Any]]:
     """Return ``(image_ext, image_bytes, caption_utf8, meta)`` or raise :class:`_Skip` with the reason."""
     if cand.error is not None:
         raise _Skip(cand.error)
     caption = _validate_caption(cand.caption, max_caption_chars)
-    ext, data = _validate_image(cand.image)
+    ext, data = _validate_image(cand.image, max_image_pixels)
     meta = dict(cand.meta)
     if "id" in meta:
         meta["source_id"] = meta.pop("id")
@@ -418,8 +484,13 @@ def _validate_caption(caption: str | bytes | None, max_chars: int) -> bytes:
     return text.encode("utf-8")
 
 
-def _validate_image(path: Path | None) -> tuple[str, bytes]:
-    """Decode fully; keep PNG/JPEG/WebP bytes as they are, re-encode anything else as PNG."""
+def _validate_image(path: Path | None, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, bytes]:
+    """Check the header's size, then decode fully; keep PNG/JPEG/WebP bytes as they are, re-encode others as PNG.
+
+    ``Image.open`` reads only the header, so an image above ``max_pixels`` is refused before any pixel is
+    decoded. Pillow's DecompressionBombWarning is silenced (the cap here is the policy; Pillow's
+    DecompressionBombError, above twice its own limit, is counted as ``too_many_pixels`` too).
+    """
     from PIL import Image
 
     try:
@@ -428,16 +499,29 @@ def _validate_image(path: Path | None) -> tuple[str, bytes]:
         data = None
     if data is None:
         raise _Skip("missing_image")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            fmt = im.format
-            im.convert("RGB")
-            if fmt in KEPT_FORMATS:
-                return KEPT_FORMATS[fmt], data
-            return "png", _png_bytes(im)
-    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        raise _Skip("corrupt_image") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise _Skip("too_many_pixels") from None
+        except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            raise _Skip("corrupt_image") from None
+        with im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise _Skip("too_many_pixels")
+            try:
+                im.load()
+                fmt = im.format
+                im.convert("RGB")
+                if fmt in KEPT_FORMATS:
+                    return KEPT_FORMATS[fmt], data
+                return "png", _png_bytes(im)
+            except Image.DecompressionBombError:
+                raise _Skip("too_many_pixels") from None
+            except Exception:
+                raise _Skip("corrupt_image") from None
 
 
 def _png_bytes(im: Any) -> bytes:

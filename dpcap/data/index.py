@@ -6,6 +6,14 @@ sorted shard-name order, at row ``g - starts[s]`` of that shard's index. Index f
 on first use and kept in a small per-instance LRU cache (a data set of 10^5 shards would otherwise
 exceed the process's limit on memory maps); pickling drops the maps, so a copy sent to a DataLoader
 worker maps its own.
+
+A shard's rows are checked against its tar when they are first mapped, before anything is read
+through them (opening an index of many shards stays one ``stat`` per shard): every member present
+must start at or after byte 512 (after its header) and end within the tar file. A row that does not
+raises :class:`DataError` naming the shard, the row and the numbers. The one exception is a tar cut
+short after it was indexed (it lacks the two zero blocks that end every complete tar, e.g. a partial
+copy): its rows past the cut are kept, with a warning, and the reader skips those samples (its reads
+stop at the end of the file).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +33,7 @@ from dpcap.data.layout import (
     INDEX_DTYPE,
     ROW_BYTES,
     SIZES_FILE,
+    TAR_BLOCK,
     WDS_INDEX_FILE,
     WDS_ROW_DTYPE,
     index_path,
@@ -93,6 +103,7 @@ class ShardIndex:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.max_open = max_open
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._checked: set[int] = set()  # shards whose rows were checked against their tar (kept when pickled)
         row_bytes = WDS_ROW_DTYPE.itemsize if self.in_place else ROW_BYTES
         for path, idx, count in zip(self.shard_paths, self.index_paths, self.counts):
             _check_shard(path, idx, int(count), row_bytes)
@@ -130,10 +141,57 @@ class ShardIndex:
         n, path = int(self.counts[shard]), self.index_paths[shard]
         dtype, shape = (WDS_ROW_DTYPE, (n,)) if self.in_place else (INDEX_DTYPE, (n, len(INDEX_COLUMNS)))
         rows = np.memmap(path, dtype=dtype, mode="r", shape=shape) if n else np.empty(shape, dtype=dtype)
+        if shard not in self._checked:
+            self._check_rows(shard, absolute_rows(rows) if self.in_place else rows)
+            self._checked.add(shard)
         self._maps[shard] = rows
         if len(self._maps) > self.max_open:
             self._maps.popitem(last=False)
         return rows
+
+    def _check_rows(self, shard: int, rows: np.ndarray) -> None:
+        """DataError unless every present member of ``rows`` ``(n, 6)`` lies in the shard's tar (see module doc)."""
+        path = self.shard_paths[shard]
+        try:
+            file_size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise DataError(f"shard {path} has disappeared (listed in {self.dir})") from None
+        if not len(rows):
+            return
+        offsets, sizes = rows[:, 0::2], rows[:, 1::2]  # (n, 3) uint64: image, txt, json
+        present = sizes > 0
+        before = present & (offsets < TAR_BLOCK)
+        limit = np.uint64(file_size + 1)  # clipped: the sum cannot overflow, and stays > file_size when either is
+        past = present & (np.minimum(offsets, limit) + np.minimum(sizes, limit) > np.uint64(file_size))
+        if before.any():
+            self._raise_bad_row(shard, rows, before, file_size)
+        if not past.any():
+            return
+        if _tar_is_complete(path, file_size):
+            self._raise_bad_row(shard, rows, past, file_size)
+        cut = int(past.any(axis=1).sum())
+        warnings.warn(
+            f"shard {path} is cut short at {file_size} bytes (no end-of-archive blocks: a partial copy?): "
+            f"{cut} of its {len(rows)} samples lie past the cut and will be skipped",
+            stacklevel=3,
+        )
+
+    def _raise_bad_row(self, shard: int, rows: np.ndarray, bad: np.ndarray, file_size: int) -> None:
+        """DataError naming the first bad member of ``rows`` (``bad``: (n, 3) mask) and how many rows are bad."""
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        member = INDEX_COLUMNS[2 * column].removesuffix("_offset")
+        offset, size = int(rows[row, 2 * column]), int(rows[row, 2 * column + 1])
+        if offset < TAR_BLOCK:
+            what = f"which starts inside the tar's first header (data starts at byte {TAR_BLOCK} or later)"
+        else:
+            what = f"which ends at byte {offset + size}, past the end of the {file_size}-byte tar"
+        others = int(bad.any(axis=1).sum()) - 1
+        raise DataError(
+            f"index {self.index_paths[shard]} of shard {self.shard_paths[shard]} is corrupt: sample row {row} "
+            f"(global id {int(self.starts[shard]) + row}) puts its {member} member at offset {offset} with "
+            f"{size} bytes, {what}" + (f"; {others} more rows are bad" if others else "") + "; rebuild the "
+            "shards (`dpcap data build`) or re-index them (`dpcap data index`)"
+        )
 
     def rows(self, shard: int) -> np.ndarray:
         """The ``(n, 6)`` uint64 rows (:data:`dpcap.data.layout.INDEX_COLUMNS`) of one shard."""
@@ -209,6 +267,15 @@ def _read_sizes(path: Path) -> dict[str, int]:
         if not name.endswith(".tar") or "/" in name or isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise DataError(f"{path}: bad entry {name!r}: {n!r} (want 'NAME.tar': count >= 0)")
     return sizes
+
+
+def _tar_is_complete(path: Path, file_size: int) -> bool:
+    """Whether the tar ends like every complete tar does: a whole number of blocks, the last two all zero."""
+    if file_size < 2 * TAR_BLOCK or file_size % TAR_BLOCK:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(file_size - 2 * TAR_BLOCK)
+        return not any(handle.read(2 * TAR_BLOCK))
 
 
 def _check_shard(path: Path, idx: Path, count: int, row_bytes: int) -> None:

@@ -15,6 +15,12 @@ import numpy as np
 SIZES_FILE = "sizes.json"  # a shard folder (`dpcap data build`): {shard name: sample count}, written last
 WDS_INDEX_FILE = "shards.json"  # an in-place index of existing tars (`dpcap data index`), written last
 SHARD_PREFIX = "shard-"
+TAR_BLOCK = 512  # a tar member's data starts after its 512-byte header: no offset in an index is smaller
+
+# Images with more pixels than this are skipped, by `dpcap data build` and by the reader, from the size in
+# their header, before anything is decoded. The value is Pillow's own `Image.MAX_IMAGE_PIXELS` default
+# (Pillow only warns above it, and refuses only above twice that).
+MAX_IMAGE_PIXELS = 89_478_485
 
 # A built shard's ``.idx``: ``(n, 6)`` little-endian uint64 rows, one per sample.
 INDEX_DTYPE = np.dtype("<u8")

@@ -2,8 +2,11 @@
 
 Random access uses the member offsets of the ``.idx`` files (layout in :mod:`dpcap.data.build`): for
 each sample one ``os.pread`` covers its three adjacent members (image, caption, metadata), so a read
-costs one system call instead of parsing tar headers. A sample that fails to decode is skipped and
-counted (it contributes zero to the step, which never changes N, q or the step count), never raised.
+costs one system call instead of parsing tar headers, and never asks for more bytes than the shard
+file holds. A sample that fails to decode is skipped and counted (it contributes zero to the step,
+which never changes N, q or the step count), never raised. So is an image whose header declares more
+than ``max_image_pixels`` pixels (:data:`dpcap.data.layout.MAX_IMAGE_PIXELS` by default): it is
+counted as ``too_many_pixels`` and never decoded.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dpcap.data.index import ShardIndex
+from dpcap.data.layout import MAX_IMAGE_PIXELS
 from dpcap.errors import ConfigError, DataError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+# What `Batch.skipped` counts a sample under (a fixed list: ranks sum their counts in this order).
+SKIP_REASONS = ("corrupt_image", "too_many_pixels", "bad_caption", "bad_meta")
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
@@ -141,13 +147,27 @@ def decode_meta(data: bytes) -> dict[str, Any]:
     return meta
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decoded PIL image; raises ``_BadSample("corrupt_image")`` on any decoder failure."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise _BadSample("corrupt_image") from None
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Fully decoded PIL image; raises ``_BadSample("corrupt_image")`` on any decoder failure.
+
+    The size in the header is checked before decoding: above ``max_pixels`` pixels it raises
+    ``_BadSample("too_many_pixels")`` without decoding (so does Pillow's DecompressionBombError, above
+    twice ``PIL.Image.MAX_IMAGE_PIXELS``; its DecompressionBombWarning is silenced, the cap here decides).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise _BadSample("too_many_pixels")
+            image.load()
+        except _BadSample:
+            raise
+        except Image.DecompressionBombError:
+            raise _BadSample("too_many_pixels") from None
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError, ...
+            raise _BadSample("corrupt_image") from None
     return image
 
 
@@ -168,11 +188,15 @@ class SampleReader:
         tokenizer: Tokenizer | None = None,
         *,
         max_open_files: int = 128,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+            raise ConfigError(f"max_image_pixels must be a positive integer, got {max_image_pixels!r}")
         self.index = ShardIndex(shard_dir)
         self.transform, self.tokenizer = transform, tokenizer
         self.max_open_files = max_open_files
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self.max_image_pixels = max_image_pixels
+        self._fds: OrderedDict[int, tuple[int, int]] = OrderedDict()  # shard → (descriptor, file size)
         self._pid = os.getpid()
         self._empty_shapes: tuple[tuple[int, ...], int] | None = None
 
@@ -189,7 +213,7 @@ class SampleReader:
         """Close this process's file descriptors (the reader reopens them on the next read)."""
         fds = getattr(self, "_fds", {})
         if getattr(self, "_pid", None) == os.getpid():
-            for fd in fds.values():
+            for fd, _ in fds.values():
                 os.close(fd)
         fds.clear()
 
@@ -198,11 +222,11 @@ class SampleReader:
         kept: list[tuple[int, torch.Tensor, str, dict]] = []
         skipped: Counter[str] = Counter()
         for group in self.index.locate_many(np.asarray(ids)):
-            fd = self._fd(group.shard)
+            fd, file_size = self._fd(group.shard)
             labels = group.labels.tolist() if group.labels is not None else [-1] * len(group.ids)
             for gid, row, label in zip(group.ids.tolist(), group.rows.tolist(), labels):
                 try:
-                    image, caption, meta = self._decode(fd, row)
+                    image, caption, meta = self._decode(fd, row, file_size)
                 except _BadSample as bad:
                     skipped[bad.args[0]] += 1
                     continue
@@ -211,12 +235,19 @@ class SampleReader:
                 kept.append((gid, image, caption, meta))
         return self._assemble(kept, dict(sorted(skipped.items())))
 
-    def _decode(self, fd: int, row: list[int]) -> tuple[torch.Tensor, str, dict]:
-        """One pread for the sample's three members, then caption → meta → image (cheapest first)."""
+    def _decode(self, fd: int, row: list[int], file_size: int) -> tuple[torch.Tensor, str, dict]:
+        """One pread for the sample's three members, then caption → meta → image (cheapest first).
+
+        The read stops at the end of the file: members past it (a shard cut short after indexing, see
+        `ShardIndex`) come back short and make the sample bad, and no buffer is ever larger than the file.
+        """
         img_off, img_len, txt_off, txt_len, meta_off, meta_len = row
         present = [(off, size) for off, size in ((img_off, img_len), (txt_off, txt_len), (meta_off, meta_len)) if size]
+        if not present:
+            raise _BadSample("corrupt_image")
         start = min(off for off, _ in present)  # size 0: the member is absent (in-place indexes)
-        buf = os.pread(fd, max(off + size for off, size in present) - start, start)
+        end = min(max(off + size for off, size in present), file_size)
+        buf = os.pread(fd, end - start, start) if end > start else b""
         image, text, meta = (
             _member(buf, off - start, size, reason) if size else b""
             for off, size, reason in (
@@ -231,7 +262,7 @@ class SampleReader:
         else:  # an in-place index whose caption lives in the JSON member
             value = meta_dict.get(self.index.caption_key or "caption")
             caption = decode_caption(value.encode("utf-8") if isinstance(value, str) else b"")
-        return self.transform(decode_image(image)), caption, meta_dict
+        return self.transform(decode_image(image, self.max_image_pixels)), caption, meta_dict
 
     def _assemble(self, kept: list[tuple[int, torch.Tensor, str, dict]], skipped: dict[str, int]) -> Batch:
         ids = torch.tensor([k[0] for k in kept], dtype=torch.int64)
@@ -260,7 +291,8 @@ class SampleReader:
             self._empty_shapes = (shape, int(length))
         return self._empty_shapes
 
-    def _fd(self, shard: int) -> int:
+    def _fd(self, shard: int) -> tuple[int, int]:
+        """``(descriptor, size in bytes)`` of a shard's tar, opened on first use."""
         if self._pid != os.getpid():  # forked or unpickled: the inherited descriptors belong to the parent
             self._fds, self._pid = OrderedDict(), os.getpid()
         if shard in self._fds:
@@ -271,10 +303,10 @@ class SampleReader:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise DataError(f"shard {path} has disappeared (listed in {self.index.dir / 'sizes.json'})") from None
-        self._fds[shard] = fd
+        self._fds[shard] = (fd, os.fstat(fd).st_size)
         if len(self._fds) > self.max_open_files:
-            os.close(self._fds.popitem(last=False)[1])
-        return fd
+            os.close(self._fds.popitem(last=False)[1][0])
+        return self._fds[shard]
 
 
 def _member(buf: bytes, start: int, size: int, reason: str) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from dpcap.model import create_captioner, get_tokenizer
 from dpcap.privacy import Clipper
 from dpcap.privacy.accountant import Ledger
 from dpcap.privacy.noise import secret_generator
-from dpcap.train.metrics import MetricWriter, plot_curves, truncate_metrics
+from dpcap.train.lock import RunLock
+from dpcap.train.metrics import MetricWriter, plot_curves, skipped_totals, truncate_metrics
 from dpcap.train.plan import PrivacyPlan, resolve_plan
 from dpcap.train.reduce import make_reducer
 from dpcap.train.state import (
@@ -44,8 +46,9 @@ from dpcap.train.state import (
     load_ema,
     optimizer_tensors,
     save_checkpoint,
+    set_aside_newer_checkpoints,
 )
-from dpcap.train.step import logical_step
+from dpcap.train.step import logical_step, skipped_warning
 from dpcap.train.tricks import EMA, StepTricks, augmentation_seed, load_public_weights
 from dpcap.train.world import World, detect_world, device_for, init_distributed
 
@@ -84,15 +87,19 @@ def build_model(config: RunConfig):
     return model
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (slurm pre-emption): the loop checkpoints at the next step boundary."""
+    """Set by SIGTERM/SIGUSR1 (slurm pre-emption) or SIGINT (Ctrl-C): the loop checkpoints at the next
+    step boundary and the command exits 4 (resumable)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous = {}
 
     def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
@@ -128,7 +135,13 @@ def train(
     """
     world = world or detect_world()
     init_distributed(world)
-    run = _start(config, world, allow_privacy_change)
+    lock = RunLock(config.run_dir) if world.is_main else None  # one trainer per run folder
+    try:
+        run = _start(config, world, allow_privacy_change, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     steps = config.train.steps
     end = steps if max_steps_this_run is None else min(steps, run.state.step + max_steps_this_run)
     try:
@@ -161,16 +174,22 @@ class _Run:
     step_loader: StepLoader | None = None
     writer: MetricWriter | None = None
     generator: torch.Generator | None = None  # rank 0's secret noise generator (invariant 4)
+    lock: RunLock | None = None
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
         if self.writer is not None:
             self.writer.close()
         if self.step_loader is not None:
             self.step_loader.close()
 
 
-def _start(config: RunConfig, world: World, allow_privacy_change: bool) -> _Run:
-    """Data, model, resume, privacy plan, readers; then the run folder, the backend and the logger."""
+def _start(config: RunConfig, world: World, allow_privacy_change: bool, lock: RunLock | None) -> _Run:
+    """Data, model, resume, privacy plan, readers; then the run folder, the backend and the logger.
+
+    `lock` (rank 0) is taken before the run folder is read, or as soon as a fresh one is created.
+    """
     index = ShardIndex(config.data.shards)
     device = device_for(world, config.train.device)
     model = build_model(config).to(device)
@@ -178,6 +197,8 @@ def _start(config: RunConfig, world: World, allow_privacy_change: bool) -> _Run:
     optimizer = make_optimizer(model, config)
     run_dir = Path(config.run_dir)
     reducer = make_reducer(world)
+    if lock is not None and run_dir.is_dir():
+        lock.acquire()
     checkpoint = latest_checkpoint(run_dir)
     state, ledger, stored_plan = _resume(checkpoint, model, optimizer, reducer, config)
     plan = resolve_plan(config, len(index), stored_plan, ledger, step=state.step, allow_change=allow_privacy_change)
@@ -207,7 +228,13 @@ def _start(config: RunConfig, world: World, allow_privacy_change: bool) -> _Run:
     # Created only now, after the checks a user can fail (data, privacy plan, model, public data):
     # a start that fails with exit 2 leaves no empty run folder behind.
     run_dir.mkdir(parents=True, exist_ok=True)
+    if lock is not None and not lock.held:
+        lock.acquire()
+    run.lock = lock
     if world.is_main:
+        if checkpoint is not None:  # newer ones did not verify: keep them for inspection, out of the way
+            for moved in set_aside_newer_checkpoints(run_dir, state.step):
+                print(f"[dpcap] {moved}", file=sys.stderr)
         save_config(config, run_dir / "config.yaml")
         if checkpoint is not None:
             truncate_metrics(run_dir / "metrics.jsonl", state.step)
@@ -304,6 +331,9 @@ def _one_step(run: _Run) -> dict:
     run.ledger.record(plan.sigma, plan.sample_rate)
     run.state.step = step + 1
     stats.reduce(run.reducer)
+    warning = skipped_warning(stats, step=run.state.step)
+    if warning is not None:
+        run.writer.warn(warning)
     spent = run.ledger.epsilon(plan.delta, accountant=plan.accountant)
     record = {
         "step": run.state.step,
@@ -339,6 +369,7 @@ def _finish(run: _Run, stopped_by: str | None) -> dict:
         "step": run.state.step,
         "done": run.state.step >= run.config.train.steps,
         "stopped_by": stopped_by,
+        "skipped_total": skipped_totals(run.run_dir / "metrics.jsonl") if run.world.is_main else {},
         **run.plan.card(run.ledger),
     }
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,15 @@ class MetricWriter:
                 eps=_format(record.get("epsilon"), ".2f", missing="∞"),
             )
 
+    def warn(self, message: str) -> None:
+        """A warning line on stderr (rank 0 only), written above the progress bar when there is one."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(f"warning: {message}", file=sys.stderr)
+        else:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -102,6 +113,19 @@ def _number(value: Any) -> float:
 def read_metrics(path: Path) -> list[dict]:
     path = Path(path)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def skipped_totals(path: Path) -> dict[str, int]:
+    """{reason: count} of the samples skipped over every step logged in ``metrics.jsonl`` (a resumed run's
+    earlier steps included); a record with skipped samples but no reasons counts them as "unknown"."""
+    totals: Counter[str] = Counter()
+    for record in read_metrics(path):
+        reasons = record.get("skipped_reasons")
+        if reasons:
+            totals.update({str(k): int(v) for k, v in reasons.items()})
+        elif record.get("skipped"):
+            totals["unknown"] += int(record["skipped"])
+    return dict(sorted(totals.items()))
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

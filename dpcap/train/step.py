@@ -15,10 +15,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from dpcap.data.reader import Batch
+from dpcap.data.reader import SKIP_REASONS, Batch
 from dpcap.privacy import Clipper
 from dpcap.train.metrics import NonFiniteLossError
 from dpcap.train.tricks import NO_TRICKS, StepTricks, mix_public_, pull_toward_, random_resized_flip
+
+# A step whose drawn samples were skipped (unreadable, too many pixels, …) more often than this warns.
+SKIPPED_WARN_FRACTION = 0.10
+_OTHER = "other"  # a reason the reader does not list in SKIP_REASONS, once summed over ranks
 
 
 @dataclass
@@ -35,10 +39,23 @@ class StepStats:
     def loss(self) -> float | None:
         return self.loss_sum / self.batch_size if self.batch_size else None
 
+    @property
+    def drawn(self) -> int:
+        """Samples the sampler drew for this step: those used plus those skipped."""
+        return self.batch_size + sum(self.skipped.values())
+
     def reduce(self, reducer) -> None:
-        """Sum the world's counts so rank 0 logs the whole logical batch (norms stay rank-local)."""
-        total = reducer.sum_scalars([self.batch_size, self.loss_sum, self.clipped])
+        """Sum the world's counts so rank 0 logs the whole logical batch (norms stay rank-local).
+
+        Skip counts are summed per reason of `dpcap.data.reader.SKIP_REASONS` (a fixed order every rank
+        shares); any other reason is summed as "other".
+        """
+        local = [self.skipped.get(reason, 0) for reason in SKIP_REASONS]
+        local.append(sum(n for reason, n in self.skipped.items() if reason not in SKIP_REASONS))
+        total = reducer.sum_scalars([self.batch_size, self.loss_sum, self.clipped, *local])
         self.batch_size, self.loss_sum, self.clipped = int(total[0]), total[1], int(total[2])
+        counts = zip((*SKIP_REASONS, _OTHER), total[3:])
+        self.skipped = Counter({reason: int(n) for reason, n in counts if n})
 
     def summary(self) -> dict:
         norms = torch.tensor(self.norms) if self.norms else None
@@ -46,9 +63,30 @@ class StepStats:
             "loss": self.loss,
             "batch_size": self.batch_size,
             "skipped": sum(self.skipped.values()),
+            **({"skipped_reasons": dict(sorted(self.skipped.items()))} if self.skipped else {}),
             "clipped_fraction": self.clipped / self.batch_size if self.batch_size and self.norms else None,
             "grad_norm_median": float(norms.median()) if norms is not None else None,
         }
+
+
+def skipped_warning(
+    stats: StepStats, *, step: int | None = None, threshold: float = SKIPPED_WARN_FRACTION
+) -> str | None:
+    """A warning line when more than ``threshold`` of the step's drawn samples were skipped, else None.
+
+    Call it after `StepStats.reduce`, so the counts are the whole world's. Skipped samples contribute
+    zero to the step (N, q and the accounting are unchanged), so training goes on: the line is for the
+    operator, whose data is damaged or unreadable in bulk.
+    """
+    skipped, drawn = sum(stats.skipped.values()), stats.drawn
+    if not drawn or skipped <= threshold * drawn:
+        return None
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(stats.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    where = f"step {step}: " if step is not None else ""
+    return (
+        f"{where}{skipped} of the {drawn} drawn samples ({skipped / drawn:.0%}) were skipped ({reasons}); "
+        "they add nothing to the step, so it trains on less data: check the shards (`dpcap data stats DIR`)"
+    )
 
 
 def per_sample_losses(model, batch: Batch, device: torch.device, precision: str) -> torch.Tensor:

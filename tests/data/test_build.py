@@ -321,11 +321,11 @@ def test_killed_build_resumes_after_its_last_shard_with_the_same_bytes(tmp_path:
 
     real_validate, seen = build._validate, []
 
-    def validate_then_die(cand, max_chars):
+    def validate_then_die(cand, *limits):
         seen.append(cand.image.name)
         if len(seen) == 15:  # the 15th candidate kept by `where`: 3 shards are in place by then
             raise _Killed
-        return real_validate(cand, max_chars)
+        return real_validate(cand, *limits)
 
     monkeypatch.setattr(build, "_validate", validate_then_die)
     out = tmp_path / "out"
