@@ -122,11 +122,28 @@ def _parser() -> argparse.ArgumentParser:
 
     probe = commands.add_parser("probe", help="linear probe of a frozen encoder on labelled shard folders")
     probe.add_argument("encoder", help="a run folder, or random:SIZE for a randomly initialised encoder")
-    probe.add_argument("--train", required=True, help="shard folder with labels in the sample metadata")
+    probe.add_argument(
+        "--train", required=True, help="shard folder with labels in the sample metadata, index, or ImageFolder tree"
+    )
     probe.add_argument("--test", required=True)
-    probe.add_argument("--val", default=None, help="default: hold out 20%% of --train")
-    probe.add_argument("--label", default="group", help="metadata field holding the class")
-    probe.add_argument("--pool", default="mean", choices=["mean", "cls"])
+    probe.add_argument("--val", default=None, help="default: hold out 20%% of --train (sweep protocol only)")
+    probe.add_argument(
+        "--label",
+        default=None,
+        help="metadata field holding the class (default: the data's own label: an ImageFolder tree's folder "
+        "names, a WebDataset index's label key or .cls; a built shard folder needs one, e.g. --label group)",
+    )
+    probe.add_argument(
+        "--protocol",
+        default="sweep",
+        choices=["sweep", "dpcap"],
+        help="sweep: λ grid chosen on validation (default); dpcap: DP-Cap's recipe (mean of all tokens, "
+        "centred + L2-normalised, λ = 0.0025/n, no bias, train → test)",
+    )
+    probe.add_argument(
+        "--pool", default=None, choices=["mean", "cls", "mean_all"], help="default: mean (sweep), mean_all (dpcap)"
+    )
+    probe.add_argument("--threads", type=int, default=None, help="torch CPU threads for features and fits")
     probe.add_argument("--out", default=None, help="write the report JSON here (and a confusion-matrix PNG)")
     _add_ema(probe)
     _add_json(probe)
@@ -140,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     fewshot.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5, 10])
     fewshot.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     fewshot.add_argument("--out", default=None)
+    fewshot.add_argument("--threads", type=int, default=None, help="torch CPU threads for features and fits")
     _add_ema(fewshot)
     _add_json(fewshot)
 
@@ -261,16 +279,23 @@ def _cmd_export(args: argparse.Namespace) -> dict:
 def _cmd_probe(args: argparse.Namespace) -> dict:
     from dpcap.pipeline import probe_encoder
 
-    return probe_encoder(
+    result = probe_encoder(
         args.encoder,
         train_dir=args.train,
         test_dir=args.test,
         val_dir=args.val,
         label=args.label,
         pool=args.pool,
+        protocol=args.protocol,
         out=args.out,
         use_ema=args.ema,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+        progress=True,
+        threads=args.threads,
     )
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    return result
 
 
 def _cmd_fewshot(args: argparse.Namespace) -> dict:
@@ -286,6 +311,7 @@ def _cmd_fewshot(args: argparse.Namespace) -> dict:
         seeds=tuple(args.seeds),
         out=args.out,
         use_ema=args.ema,
+        threads=args.threads,
     )
 
 

@@ -92,62 +92,169 @@ def probe_encoder(
     train_dir: str,
     test_dir: str,
     val_dir: str | None = None,
-    label: str = "group",
-    pool: str = "mean",
+    label: str | None = None,
+    pool: str | None = None,
+    protocol: str = "sweep",
     out: str | None = None,
     use_ema: bool = False,
     name: str | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
+    threads: int | None = None,
+    l2_grid: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
-    """Linear probe (L-BFGS logistic regression, λ chosen on validation) of a frozen encoder.
+    """Linear probe of a frozen encoder: features of each split, one logistic-regression protocol.
 
-    With ``out`` the report JSON goes there and a confusion-matrix PNG next to it, titled with
-    ``name`` (default: the encoder spec, e.g. the run folder) and the test top-1. ``log`` receives
-    one line per split's features and one with the result; ``progress`` shows a bar over the λ fits.
+    ``protocol="sweep"`` (default): L-BFGS logistic regression on standardised features, λ chosen
+    on validation (``val_dir``, or 20% of train) over ``l2_grid`` (default `DEFAULT_L2_GRID`), refit
+    on train + validation. ``protocol="dpcap"``: DP-Cap's released recipe (`dpcap_probe`): features
+    row-centred and L2-normalised, λ = 0.0025/n, no intercept, one fit on train, no validation.
+    ``pool`` defaults to ``"mean"`` (sweep) or ``"mean_all"`` (dpcap: every token, CLS included).
+    ``label``: the metadata field of a shard folder; None takes the data's own label (an ImageFolder
+    tree's folder names, a WebDataset index's label key or ``.cls``); a built shard folder needs one.
+
+    The report records the encoder (and its run's privacy card summary), each split's path and
+    size, protocol, pool, the λ grid and the chosen λ, seconds per stage and ``warnings`` (the
+    chosen λ at the edge of the grid; train and test the same data; a label given for an ImageFolder
+    tree, where it is ignored; ``val_dir`` given to the dpcap protocol). With ``out`` the report
+    JSON goes there and a confusion-matrix PNG next to it, titled with ``name`` (default: the encoder
+    spec), the protocol and the test top-1. ``log`` receives a line as each split's features start
+    and end (count, dimension, seconds) and one with the result; ``progress`` shows a bar over the
+    fits; ``threads`` sets torch's CPU threads for the extraction and every fit (restored after).
     """
     from tqdm.auto import tqdm
 
-    from dpcap.eval.probe import DEFAULT_L2_GRID, confusion_matrix, linear_probe, save_confusion_png
-
-    model = encoder_for_probe(encoder, use_ema=use_ema)
-    name = name or (str(encoder) if isinstance(encoder, (str, os.PathLike)) else type(encoder).__name__)
-    features: dict[str, tuple[Any, Any]] = {"val": (None, None)}
-    for split, data_dir in (("train", train_dir), ("val", val_dir), ("test", test_dir)):
-        if data_dir is None:
-            continue
-        started = time.perf_counter()
-        features[split] = _features(model, data_dir, label, pool)
-        if log is not None:
-            x = features[split][0]
-            log(f"{name}: {split} features {x.shape[0]} × {x.shape[1]} ({time.perf_counter() - started:.1f} s)")
-    (x_train, y_train), (x_val, y_val), (x_test, y_test) = features["train"], features["val"], features["test"]
-    started = time.perf_counter()
-    bar = tqdm(
-        total=len(DEFAULT_L2_GRID) + 1,
-        desc=f"probe {name}",
-        unit="fit",
-        leave=False,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=not progress,
+    from dpcap.eval.probe import (
+        DEFAULT_L2_GRID,
+        PROTOCOLS,
+        confusion_matrix,
+        dpcap_probe,
+        l2_edge_warning,
+        linear_probe,
+        save_confusion_png,
+        torch_threads,
     )
 
-    def on_fit(l2: float, val_top1: float | None) -> None:
-        bar.update(1)
-        bar.set_postfix(l2=f"{l2:.0e}", val="refit" if val_top1 is None else f"{val_top1:.3f}")
-
-    try:
-        report = linear_probe(
-            x_train, y_train, x_test, y_test, x_val=x_val, y_val=y_val, return_predictions=bool(out), on_fit=on_fit
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown probe protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    pool = pool or ("mean_all" if protocol == "dpcap" else "mean")
+    grid = tuple(float(v) for v in (l2_grid if l2_grid is not None else DEFAULT_L2_GRID))
+    started_all = time.perf_counter()
+    model, privacy = _probe_model(encoder, use_ema)
+    name = name or (str(encoder) if isinstance(encoder, (str, os.PathLike)) else type(encoder).__name__)
+    warnings: list[str] = []
+    if protocol == "dpcap" and val_dir is not None:
+        warnings.append(
+            f"--val {val_dir} is not used: the dpcap protocol trains on --train and reports --test (no λ selection)"
         )
-    finally:
-        bar.close()
-    report = {"label": label, "pool": pool, **report}
+        val_dir = None
+    dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
+    features: dict[str, dict[str, Any]] = {}
+    data: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    label_ignored = False
+    with torch_threads(threads):
+        for split, data_dir in dirs.items():
+            if data_dir is None:
+                continue
+            split_label, kind = _probe_label(data_dir, label)
+            if log is not None:
+                log(f"{name}: {split} features from {data_dir} ({kind}) …")
+            started = time.perf_counter()
+            features[split] = _probe_features(model, data_dir, split_label, pool)
+            seconds[f"features_{split}"] = round(time.perf_counter() - started, 3)
+            x = features[split]["features"]
+            source = features[split].get("label_source")
+            data[split] = {
+                "path": str(data_dir),
+                "kind": kind,
+                "label": split_label if kind != "imagefolder" else f"label file {source}" if source else "folder name",
+                "num_samples": int(x.shape[0]),
+            }
+            if kind == "imagefolder" and features[split].get("layout"):
+                data[split]["layout"] = features[split]["layout"]
+            if kind == "imagefolder" and label is not None and not label_ignored:
+                label_ignored = True
+                origin = f"its labels come from {source}" if source else "its class is the sub-folder name"
+                warnings.append(
+                    f"--label {label!r} is ignored for the image folder {data_dir}: {origin} "
+                    "(leave --label out for image folders)"
+                )
+            if log is not None:
+                log(f"{name}: {split} features {x.shape[0]} × {x.shape[1]} ({seconds[f'features_{split}']:.1f} s)")
+        for first in ("train", "val"):
+            if first in features:
+                same = _same_data_warning(first, dirs[first], features[first], test_dir, features["test"])
+                if same:
+                    warnings.append(same)
+        x_train, y_train = features["train"]["features"], features["train"]["labels"]
+        x_test, y_test = features["test"]["features"], features["test"]["labels"]
+        started = time.perf_counter()
+        fits = 1 if protocol == "dpcap" else len(grid) + 1
+        bar = tqdm(
+            total=fits,
+            desc=f"probe {name} ({protocol})",
+            unit="fit",
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not progress,
+        )
+
+        def on_fit(l2: float, val_top1: float | None) -> None:
+            bar.update(1)
+            bar.set_postfix(l2=f"{l2:.0e}", val="refit" if val_top1 is None else f"{val_top1:.3f}")
+
+        try:
+            if protocol == "dpcap":
+                result = dpcap_probe(x_train, y_train, x_test, y_test, return_predictions=bool(out), on_fit=on_fit)
+                grid = (result["l2"],)
+            else:
+                x_val = features["val"]["features"] if "val" in features else None
+                y_val = features["val"]["labels"] if "val" in features else None
+                result = linear_probe(
+                    x_train,
+                    y_train,
+                    x_test,
+                    y_test,
+                    x_val=x_val,
+                    y_val=y_val,
+                    l2_grid=grid,
+                    return_predictions=bool(out),
+                    on_fit=on_fit,
+                )
+        finally:
+            bar.close()
+        seconds["fit"] = round(time.perf_counter() - started, 3)
+    if protocol == "sweep":
+        edge = l2_edge_warning(result["l2"], grid)
+        if edge:
+            warnings.append(edge)
+    seconds["total"] = round(time.perf_counter() - started_all, 3)
+    report = {
+        "encoder": str(encoder) if isinstance(encoder, (str, os.PathLike)) else type(encoder).__name__,
+        "name": name,
+        "privacy": privacy,
+        "protocol": protocol,
+        "pool": pool,
+        "label": data["train"]["label"],
+        "data": data,
+        "top1": result["top1"],
+        "l2": result["l2"],
+        "l2_grid": list(grid),
+        **{k: v for k, v in result.items() if k not in ("top1", "l2")},
+        "threads": threads,
+        "seconds": seconds,
+        "warnings": warnings,
+    }
+    names = {c: n for split in features.values() for c, n in (split.get("class_names") or {}).items()}
+    if names:  # ImageNet synset ids → their display names (LOC_synset_mapping.txt or the devkit)
+        report["class_names"] = {c: names[c] for c in report["classes"] if c in names}
     if log is not None:
+        val = f", val {report['val_top1']:.1%}" if report.get("val_top1") is not None else ""
         log(
-            f"{name}: test top-1 {report['top1']:.1%} (λ = {report['l2']:.0e}, val {report['val_top1']:.1%}; "
-            f"{len(report['per_l2']) + 1} fits in {time.perf_counter() - started:.1f} s)"
+            f"{name}: test top-1 {report['top1']:.1%} ({protocol}; λ = {report['l2']:.2g}{val}; "
+            f"{fits} fit{'s' if fits > 1 else ''} in {seconds['fit']:.1f} s)"
         )
     if out:
         predictions = report.pop("predictions")
@@ -155,11 +262,141 @@ def probe_encoder(
         ids = {c: i for i, c in enumerate(classes)}
         known = [(ids[t], ids[p]) for t, p in zip(y_test, predictions) if t in ids]
         cm = confusion_matrix([t for t, _ in known], [p for _, p in known], len(classes))
-        title = f"{name}: linear probe top-1 {report['top1']:.1%} ({label}, {len(classes)} classes)"
-        save_confusion_png(cm, Path(out).with_suffix(".png"), [str(c) for c in classes], title=title)
+        title = (
+            f"{name}: {protocol} linear probe, top-1 {report['top1']:.1%} "
+            f"({report['label']}, {len(classes)} classes, pool {pool})"
+        )
+        names = report.get("class_names", {})
+        labels = [f"{names[c]} ({c})" if c in names else str(c) for c in classes]
+        save_confusion_png(cm, Path(out).with_suffix(".png"), labels, title=title, top_classes=20)
         _write_json(Path(out), report)
     report.pop("per_l2", None)
     return report
+
+
+def _probe_model(encoder, use_ema: bool) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The encoder to probe and, for a run folder, a summary of its privacy card (else None)."""
+    if isinstance(encoder, (str, os.PathLike)) and not str(encoder).startswith("random:"):
+        model, state, config = load_run(encoder, ema=use_ema)
+        card = dict(state.privacy)
+        private = card.get("private")
+        if config.privacy.insecure_noise_seed is not None or config.privacy.insecure_sampler_seed is not None:
+            private = False  # as export_run: a fixed seed voids the guarantee
+        summary = {key: card.get(key) for key in ("epsilon", "delta", "sigma", "steps")}
+        return model, {**summary, "private": private, "step": state.step, "weights": "ema" if use_ema else "last"}
+    return encoder_for_probe(encoder, use_ema=use_ema), None
+
+
+def _probe_label(data_dir: str, label: str | None) -> tuple[str | None, str]:
+    """(label key, kind) of a probe split: kind ``shards`` (built), ``index`` (WebDataset index) or
+    ``imagefolder`` (label key None: the folder name). ``label=None`` takes the data's own label."""
+    from dpcap.data.layout import WDS_INDEX_FILE, is_shard_folder
+
+    if not is_shard_folder(data_dir):
+        return None, "imagefolder"
+    index = Path(data_dir) / WDS_INDEX_FILE
+    kind = "index" if index.is_file() else "shards"
+    if label is not None:
+        return label, kind
+    if kind == "index":
+        try:
+            key = json.loads(index.read_text()).get("label_key")
+        except (OSError, ValueError) as err:
+            raise DataError(f"{index}: unreadable index ({err})") from None
+        return key or "cls", kind
+    raise ConfigError(
+        f"{data_dir} is a built shard folder: give --label FIELD, the sample metadata field holding the class "
+        "(e.g. --label group)"
+    )
+
+
+def _probe_features(model, data_dir: str, label: str | None, pool: str) -> dict[str, Any]:
+    """`_features`, keeping the whole result (features, labels, ids) for the report's checks."""
+    from dpcap.data.layout import is_shard_folder
+    from dpcap.eval.features import imagefolder_features, labelled_features
+
+    if is_shard_folder(data_dir):
+        return labelled_features(model, data_dir, label_key=label, pool=pool, batch_size=256)
+    return imagefolder_features(model, data_dir, pool=pool)
+
+
+def _same_data_warning(first: str, first_dir: str, first_data: dict, test_dir: str, test_data: dict) -> str | None:
+    """A warning when split ``first`` and test are the same data: the same resolved folder, a
+    WebDataset index of the same tar files, or test features all identical to rows of ``first`` (a
+    copied folder). Sample ids cannot tell: every build numbers its samples 0, 1, …"""
+    a, b = Path(first_dir).resolve(), Path(test_dir).resolve()
+    what = f"{first} and test are the same data"
+    if a == b:
+        return f"{what} ({b}): the test top-1 measures memorisation, not generalisation"
+    tars_a, tars_b = _index_tars(a), _index_tars(b)
+    if tars_a is not None and tars_a == tars_b:
+        return f"{what}: {a} and {b} index the same {len(tars_a)} tar files"
+    files_a, files_b = _image_files(a, first_data), _image_files(b, test_data)
+    if files_a and files_a == files_b:
+        return f"{what}: {a} and {b} hold the same {len(files_a)} image files"
+    n = int(test_data["features"].shape[0])
+    shared = _shared_rows(first_data["features"], test_data["features"])
+    if n and shared == n:
+        return f"{what}: every one of the {n} test samples has features identical to a {first} sample ({a}, {b})"
+    if shared:
+        return (
+            f"{shared} of {n} test samples have features identical to a {first} sample: "
+            f"duplicate images in {a} and {b}?"
+        )
+    return None
+
+
+def _index_tars(root: Path) -> frozenset[str] | None:
+    from dpcap.data.layout import WDS_INDEX_FILE
+
+    index = root / WDS_INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        shards = json.loads(index.read_text())["shards"]
+        return frozenset(str(Path(s["path"]).resolve()) for s in shards)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _image_files(root: Path, data: dict) -> frozenset[str] | None:
+    """The resolved image paths of an image-folder split (``files``, relative to its root), if known."""
+    files = data.get("files")
+    return frozenset(str((root / f).resolve()) for f in files) if files else None
+
+
+def _shared_rows(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many rows of ``b`` equal (bit for bit) some row of ``a``: 62-bit row hashes, then exact checks."""
+    if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] != b.shape[1]:
+        return 0
+    keys_a, keys_b = _row_hashes(a), _row_hashes(b)
+    order = torch.argsort(keys_a)
+    sorted_a = keys_a[order]
+    pos = torch.searchsorted(sorted_a, keys_b).clamp_max(sorted_a.numel() - 1)
+    candidates = (sorted_a[pos] == keys_b).nonzero().flatten()
+    if candidates.numel() == 0:
+        return 0
+    rows_a = a[order[pos[candidates]]].contiguous().view(torch.int32)
+    rows_b = b[candidates].contiguous().view(torch.int32)
+    return int((rows_a == rows_b).all(dim=1).sum())
+
+
+_HASH_PRIME = (1 << 31) - 1
+
+
+def _row_hashes(x: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: two polynomial hashes mod 2³¹−1 of each float32 row's bits, combined (exact integer
+    arithmetic, so identical rows always hash alike)."""
+    bits = x.float().contiguous().view(torch.int32)
+    gen = torch.Generator().manual_seed(0)
+    coeffs = torch.randint(1, _HASH_PRIME, (2, bits.shape[1]), generator=gen, dtype=torch.int64)
+    out = []
+    for chunk in bits.split(max(1, (1 << 20) // max(1, bits.shape[1]))):
+        values = chunk.long().remainder(_HASH_PRIME)
+        h1 = (values * coeffs[0]).remainder(_HASH_PRIME).sum(dim=1).remainder(_HASH_PRIME)
+        h2 = (values * coeffs[1]).remainder(_HASH_PRIME).sum(dim=1).remainder(_HASH_PRIME)
+        out.append(h1 * _HASH_PRIME + h2)
+    return torch.cat(out)
 
 
 def fewshot_encoder(
@@ -173,14 +410,20 @@ def fewshot_encoder(
     seeds=(0, 1, 2),
     out: str | None = None,
     use_ema: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """k-shot logistic-regression accuracy (mean ± std over seeds) of a frozen encoder."""
+    """k-shot logistic-regression accuracy (mean ± std over seeds) of a frozen encoder.
+
+    ``threads`` sets torch's CPU threads for the feature extraction and the fits (restored after)."""
     from dpcap.eval.fewshot import few_shot
+    from dpcap.eval.probe import torch_threads
 
     model = encoder_for_probe(encoder, use_ema=use_ema)
-    x_train, y_train = _features(model, train_dir, label, pool)
-    x_test, y_test = _features(model, test_dir, label, pool)
-    report = {"label": label, "pool": pool, **few_shot(x_train, y_train, x_test, y_test, shots=shots, seeds=seeds)}
+    with torch_threads(threads):
+        x_train, y_train = _features(model, train_dir, label, pool)
+        x_test, y_test = _features(model, test_dir, label, pool)
+        report = few_shot(x_train, y_train, x_test, y_test, shots=shots, seeds=seeds)
+    report = {"label": label, "pool": pool, **report}
     if out:
         _write_json(Path(out), report)
     return report

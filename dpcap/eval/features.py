@@ -178,25 +178,75 @@ def labelled_features(
 
 
 def imagefolder_features(
-    model: nn.Module, root: str | os.PathLike, *, pool: str = "mean", batch_size: int = 256, device: str = "cpu"
+    model: nn.Module,
+    root: str | os.PathLike,
+    *,
+    pool: str = "mean",
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Features of an ImageFolder tree (``root/<class>/<image>``): labels are the class folder names.
+    """Features of a folder of images: an ImageFolder tree (``root/<class>/<image>``, labels = class
+    folder names; ImageNet's ``train/`` or a sorted ``val/``) or ImageNet's flat ``val/`` with its
+    label file (Kaggle's ``LOC_val_solution.csv`` or the devkit's ground truth); see
+    :mod:`dpcap.eval.imagenet` for the files looked for and where.
 
-    Uses torchvision's ImageFolder with dpcap's own image transform (the model's size, mean, std).
+    Images go through dpcap's own image transform (the model's size, mean, std). Returns
+    ``{"features": (N, D) float32, "labels": list[str], "split": [""] * N, "ids": arange(N),
+    "files": list[str] (paths relative to root, in row order), "class_names": {label: display
+    name} (from LOC_synset_mapping.txt / meta.mat; {} when none), "layout": "tree" | "flat-csv" |
+    "flat-devkit", "label_source": str | None (the label file, None for a tree)}``. With
+    ``cache_dir`` the features are cached under a key hashing the encoder weights, pool, transform,
+    every image's path, size and mtime, and the bytes of every label file read.
     """
-    from torchvision.datasets import ImageFolder
-
     from dpcap.data.reader import image_transform
+    from dpcap.eval.imagenet import ImageDataset, resolve_images
 
-    size, mean, std = _transform_args(model)
-    try:
-        dataset = ImageFolder(str(root), transform=image_transform(size, mean, std))
-    except (FileNotFoundError, RuntimeError) as err:
-        raise DataError(f"{root}: not an ImageFolder tree (class sub-folders of images): {err}") from None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    features = extract_features(model, (images for images, _ in loader), pool=pool, device=device)
-    labels = [dataset.classes[target] for _, target in dataset.samples]
-    return {"features": features, "labels": labels, "split": [""] * len(labels), "ids": torch.arange(len(labels))}
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    images = resolve_images(root)
+
+    def compute() -> dict[str, torch.Tensor]:
+        dataset = ImageDataset(images.files, image_transform(*_transform_args(model)))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        return {"features": extract_features(model, loader, pool=pool, device=device)}
+
+    if cache_dir is None:
+        features = compute()["features"]
+    else:
+        key = _imagefolder_cache_key(model, images, pool)
+        path = Path(cache_dir) / f"imagefolder-{key[:32]}.safetensors"
+        features = cached_features(path, compute, fingerprint=key)["features"]
+    n = len(images.labels)
+    return {
+        "features": features,
+        "labels": list(images.labels),
+        "split": [""] * n,
+        "ids": torch.arange(n),
+        "files": images.relative_files(),
+        "class_names": dict(images.class_names),
+        "layout": images.layout,
+        "label_source": None if images.label_source is None else str(images.label_source),
+    }
+
+
+def _imagefolder_cache_key(model: nn.Module, images: Any, pool: str) -> str:
+    digest = hashlib.sha256(f"{images.root}|{images.layout}|".encode())
+    for path in images.files:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+    for source in images.sources:
+        digest.update(f"{source}|".encode())
+        digest.update(hashlib.sha256(source.read_bytes()).digest())
+    parts = {
+        "format": CACHE_FORMAT,
+        "weights": weights_fingerprint(getattr(model, "encoder", model)),
+        "pool": pool,
+        "transform": _transform_args(model),
+        "images": digest.hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _transform_args(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:

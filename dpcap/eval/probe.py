@@ -23,15 +23,20 @@ logistic regression on top. Two fitters share one head type:
   in memory (same objective, stochastic).
 
 `linear_probe` selects λ on a validation split, refits on train + validation, and reports test
-top-1 accuracy. Everything is deterministic: zero initialisation, explicit generators.
+top-1 accuracy (the ``sweep`` protocol). `dpcap_probe` is DP-Cap's released recipe instead (the
+``dpcap`` protocol, see its docstring): no sweep, no validation, λ = 0.0025/n, no intercept, on
+row-centred, L2-normalised features. Everything is deterministic: zero initialisation, explicit
+generators.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +52,19 @@ DEFAULT_L2_GRID: tuple[float, ...] = tuple(float(10.0**k) for k in range(-6, 1))
 
 _STD_FLOOR = 1e-8
 
+DPCAP_LAMBDA = 0.0025
+"""DP-Cap's linear-probe constant (``run_linear_prob.sh``: ``--lambd 0.0025``), divided by n in the fit."""
+
+PROTOCOLS = ("sweep", "dpcap")
+"""``sweep``: λ chosen on validation over a grid (`linear_probe`); ``dpcap``: DP-Cap's recipe (`dpcap_probe`)."""
+
 
 @dataclass(frozen=True)
 class LinearHead:
-    """A linear classifier on standardised features: logits = ((x − mean) / std) Wᵀ + b."""
+    """A linear classifier on standardised features: logits = ((x − mean) / std) Wᵀ + b.
+
+    A head fitted without standardisation has mean 0 and std 1; one without intercept has b = 0.
+    """
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -116,6 +130,8 @@ def fit_logistic_regression(
     dtype: torch.dtype = torch.float64,
     mixed_precision: bool = True,
     init: LinearHead | None = None,
+    standardize: bool = True,
+    fit_intercept: bool = True,
 ) -> LinearHead:
     """Multinomial logistic regression by full-batch L-BFGS with a strong-Wolfe line search.
 
@@ -129,6 +145,10 @@ def fit_logistic_regression(
     tolerance, completes) the solve. ``init`` warm-starts from another head
     fitted on the same features (e.g. the neighbouring λ of a regularisation path); the problem is
     strictly convex for λ > 0, so the start changes the cost, not the minimiser.
+
+    ``standardize=False`` fits on x as given (z = x; the head stores mean 0, std 1) and
+    ``fit_intercept=False`` fixes b = 0 (it is neither optimised nor part of the stopping rule):
+    together, sklearn's ``LogisticRegression(fit_intercept=False, C=1/(n·λ))`` on x itself.
     """
     if l2 < 0:
         raise ConfigError(f"l2 must be >= 0, got {l2}")
@@ -146,9 +166,17 @@ def fit_logistic_regression(
     if int(y.min()) < 0 or int(y.max()) >= k:
         raise ConfigError(f"labels must lie in [0, {k}), got range [{int(y.min())}, {int(y.max())}]")
     with _cpu_threads_for(x, k):
-        mean, std = standardisation(x.to(torch.float64))
-        objective = _SoftmaxObjective(x, y, mean, std, l2=l2, num_classes=k)
+        if standardize:
+            mean, std = standardisation(x.to(torch.float64))
+        else:
+            mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            std = torch.ones_like(mean)
+        objective = _SoftmaxObjective(
+            x, y, mean, std, l2=l2, num_classes=k, standardize=standardize, fit_intercept=fit_intercept
+        )
         weight, bias = _initial_parameters(init, k, x.shape[1], dtype, x.device)
+        if not fit_intercept:
+            bias = torch.zeros_like(bias)
         budget = max_iter
         if mixed_precision and dtype == torch.float64:
             weight, bias, used = _run_lbfgs(
@@ -165,6 +193,31 @@ def fit_logistic_regression(
 SINGLE_THREAD_WORK = 1 << 27
 """Problems with N·D·K below this (134M multiply-adds per matmul) are fitted on one CPU thread."""
 
+_FIT_THREADS: ContextVar[int | None] = ContextVar("dpcap_probe_fit_threads", default=None)
+"""Set by `torch_threads`: the thread count every fit inside uses (overriding the small-problem rule)."""
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block, restored afterwards (``None``: no change).
+
+    Fits inside the block use exactly ``threads`` too, instead of `_cpu_threads_for`'s one thread
+    for small problems: an explicit choice (``dpcap probe --threads N``) wins over the heuristic.
+    """
+    if threads is None:
+        yield
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    previous = torch.get_num_threads()
+    token = _FIT_THREADS.set(threads)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        _FIT_THREADS.reset(token)
+        torch.set_num_threads(previous)
+
 
 @contextmanager
 def _cpu_threads_for(x: torch.Tensor, num_classes: int) -> Iterator[None]:
@@ -174,11 +227,17 @@ def _cpu_threads_for(x: torch.Tensor, num_classes: int) -> Iterator[None]:
     threads then spend their time waiting on each other, and on a busy machine they wait on other
     processes too: the demo's probe (2,535 × 128 features, 99 classes, on 2 cores shared with
     another job) took 162 s per fit with 2 threads and 1.5 s with one. Large fits keep every thread.
+    Inside `torch_threads(n)` every fit uses n threads instead.
     """
-    small = x.device.type == "cpu" and x.shape[0] * x.shape[1] * num_classes < SINGLE_THREAD_WORK
     previous = torch.get_num_threads()
-    if small and previous > 1:
-        torch.set_num_threads(1)
+    forced = _FIT_THREADS.get()
+    if forced is not None:
+        target = forced
+    else:
+        small = x.device.type == "cpu" and x.shape[0] * x.shape[1] * num_classes < SINGLE_THREAD_WORK
+        target = 1 if small and previous > 1 else previous
+    if target != previous:
+        torch.set_num_threads(target)
     try:
         yield
     finally:
@@ -200,14 +259,25 @@ class _SoftmaxObjective:
     """J(W, b) and its gradient in closed form, over row chunks, in the parameters' dtype.
 
     With P = softmax(Z Wᵀ + b) and Y one-hot: ∂J/∂W = (P − Y)ᵀ Z / n + λW, ∂J/∂b = Σ_i (P − Y)_i / n.
-    Features are standardised chunk by chunk, so no standardised copy of the whole set is kept.
+    Features are standardised chunk by chunk, so no standardised copy of the whole set is kept
+    (``standardize=False``: Z = X). With ``fit_intercept=False`` b stays 0 and ∂J/∂b is reported as 0.
     The loss is summed in float64 whatever the dtype: the line search compares loss values.
     """
 
     def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, l2: float, num_classes: int
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        *,
+        l2: float,
+        num_classes: int,
+        standardize: bool = True,
+        fit_intercept: bool = True,
     ):
         self.x, self.y, self.mean, self.std, self.l2 = x, y, mean, std, l2
+        self.standardize, self.fit_intercept = standardize, fit_intercept
         self.rows = max(1, _CHUNK_ELEMENTS // max(x.shape[1], num_classes))
 
     def __call__(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +286,9 @@ class _SoftmaxObjective:
         loss = torch.zeros((), dtype=torch.float64, device=weight.device)
         grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(bias)
         for start in range(0, n, self.rows):
-            z = (self.x[start : start + self.rows].to(weight.dtype) - mean) / std
+            z = self.x[start : start + self.rows].to(weight.dtype)
+            if self.standardize:
+                z = (z - mean) / std
             y = self.y[start : start + self.rows]
             logits = torch.addmm(bias, z, weight.T)
             lse = torch.logsumexp(logits, dim=1)
@@ -224,7 +296,8 @@ class _SoftmaxObjective:
             residual = logits.sub_(lse[:, None]).exp_()  # P, in place of the logits
             residual[torch.arange(y.numel(), device=y.device), y] -= 1.0  # P − Y
             grad_w.addmm_(residual.T, z)
-            grad_b += residual.sum(dim=0)
+            if self.fit_intercept:
+                grad_b += residual.sum(dim=0)
         loss = loss / n + 0.5 * self.l2 * weight.to(torch.float64).pow(2).sum()
         return loss, grad_w.div_(n).add_(weight, alpha=self.l2), grad_b.div_(n)
 
@@ -237,10 +310,16 @@ def _run_lbfgs(
     max_iter: int,
     tolerance_grad: float,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """L-BFGS from (weight, bias); returns the result and the number of iterations it took."""
-    weight, bias = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    """L-BFGS from (weight, bias); returns the result and the number of iterations it took.
+
+    Without an intercept (``objective.fit_intercept`` False) only the weight is optimised: the bias
+    is returned as given (zero) and takes no part in the stopping rule.
+    """
+    fit_intercept = getattr(objective, "fit_intercept", True)
+    weight = weight.clone().requires_grad_(True)
+    bias = bias.clone().requires_grad_(True) if fit_intercept else bias.clone()
     optimizer = torch.optim.LBFGS(
-        [weight, bias],
+        [weight, bias] if fit_intercept else [weight],
         lr=1.0,
         max_iter=max_iter,
         max_eval=2 * max_iter,
@@ -251,7 +330,9 @@ def _run_lbfgs(
     )
 
     def closure() -> torch.Tensor:  # gradients in closed form: no autograd graph is built
-        loss, weight.grad, bias.grad = objective(weight.detach(), bias.detach())
+        loss, weight.grad, grad_b = objective(weight.detach(), bias.detach())
+        if fit_intercept:
+            bias.grad = grad_b
         return loss
 
     optimizer.step(closure)
@@ -360,6 +441,109 @@ def linear_probe(
     return report
 
 
+def center_and_normalize_rows(x: Any, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """DP-Cap's feature preprocessing: centre, then divide each row by its L2 norm (float64).
+
+    ``mean=None`` centres each row by its own mean over the features: what DP-Cap's released probe
+    runs, cyanure's ``preprocess(X, centering=True, normalize=True, columns=False)`` (columns=False:
+    the operations act on rows, i.e. on samples), applied to train and test separately. A ``mean``
+    vector (D,) is subtracted from every row instead (e.g. the training features' mean, reused for
+    test). A row that is zero after centring stays zero.
+    """
+    x = _as_float(x, torch.float64)
+    x = x - (x.mean(dim=1, keepdim=True) if mean is None else torch.as_tensor(mean, dtype=torch.float64))
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+DPCAP_CENTERINGS = ("sample", "train")
+"""`dpcap_probe`'s centring: each sample by its own feature mean (released code), or by the train mean."""
+
+
+def dpcap_probe(
+    x_train: Any,
+    y_train: Any,
+    x_test: Any,
+    y_test: Any,
+    *,
+    lambd: float = DPCAP_LAMBDA,
+    centering: str = "sample",
+    max_iter: int = 1000,
+    tolerance_grad: float = 1e-6,
+    return_predictions: bool = False,
+    on_fit: Callable[[float, float | None], None] | None = None,
+) -> dict[str, Any]:
+    """DP-Cap's linear probe (Sander et al. 2024; the MSN ``logistic_eval.py`` patched by
+    facebookresearch/dpcap): one fit on train, top-1 on test. No λ sweep, no validation split.
+
+    Features go through `center_and_normalize_rows` (``centering="sample"``: each row by its own mean,
+    as the released code; ``"train"``: every split by the training mean), then the fitter minimises,
+    with no intercept (b ≡ 0) and no standardisation,
+
+        J(W) = (1/n) Σ_i CE(softmax(W x̃_i), y_i) + (λ/2)‖W‖²_F,   λ = lambd / n  (0.0025 / n),
+
+    which is cyanure's ``Classifier(loss="multiclass-logistic", penalty="l2", lambda_1=λ,
+    fit_intercept=False)`` objective (mean loss + (λ/2)‖W‖²), the same form as `fit_logistic_regression`,
+    and scikit-learn's ``LogisticRegression(fit_intercept=False, C=1/(n·λ) = 1/lambd = 400)``.
+    Returns the `linear_probe` keys (``val_top1`` None, ``per_l2`` {λ: None}) plus ``lambd``,
+    ``train_top1`` and ``centering``; ``on_fit(λ, None)`` is called once, after the fit.
+    """
+    if centering not in DPCAP_CENTERINGS:
+        raise ConfigError(f"unknown centering {centering!r}; valid: {', '.join(DPCAP_CENTERINGS)}")
+    if not lambd > 0:
+        raise ConfigError(f"lambd must be > 0, got {lambd}")
+    x_tr, y_tr = torch.as_tensor(x_train), _to_list(y_train)
+    if len(y_tr) != x_tr.shape[0]:
+        raise ConfigError(f"got {len(y_tr)} training labels for {x_tr.shape[0]} feature rows")
+    if not y_tr:
+        raise DataError("cannot fit a linear probe on an empty training set")
+    mean = _as_float(x_tr, torch.float64).mean(dim=0) if centering == "train" else None
+    z_tr = center_and_normalize_rows(x_tr, mean)
+    z_te = center_and_normalize_rows(x_test, mean)
+    classes, (ids_tr, ids_te) = encode_labels(y_tr, _to_list(y_test))
+    l2 = float(lambd) / len(y_tr)
+    head = fit_logistic_regression(
+        z_tr,
+        ids_tr,
+        l2=l2,
+        num_classes=len(classes),
+        max_iter=max_iter,
+        tolerance_grad=tolerance_grad,
+        standardize=False,
+        fit_intercept=False,
+    )
+    if on_fit is not None:
+        on_fit(l2, None)
+    report = {
+        "top1": accuracy(head, z_te, ids_te),
+        "l2": l2,
+        "val_top1": None,
+        "train_top1": accuracy(head, z_tr, ids_tr),
+        "lambd": float(lambd),
+        "centering": centering,
+        "num_train": int(ids_tr.numel()),
+        "num_test": int(ids_te.numel()),
+        "num_classes": len(classes),
+        "num_test_unseen": int((ids_te < 0).sum()),
+        "per_l2": {l2: None},
+        "classes": classes,
+    }
+    if return_predictions:
+        report["predictions"] = [classes[i] for i in head.predict(z_te).tolist()]
+    return report
+
+
+def l2_edge_warning(l2: float, grid: Sequence[float]) -> str | None:
+    """A warning when the chosen λ is the smallest or largest of a grid of ≥ 2 values, else None."""
+    values = sorted(float(v) for v in grid)
+    if len(values) < 2 or values[0] < l2 < values[-1]:
+        return None
+    side, hint = ("largest", "more") if l2 >= values[-1] else ("smallest", "less")
+    return (
+        f"the chosen λ = {l2:.0e} is the {side} value of the grid ({values[0]:.0e} … {values[-1]:.0e}): "
+        f"the best λ may lie beyond it ({hint} regularisation); the probe may be under-tuned"
+    )
+
+
 def _train_val(
     x_train: Any, y_train: Any, x_val: Any, y_val: Any, val_fraction: float, seed: int
 ) -> tuple[torch.Tensor, list[Any], torch.Tensor, list[Any]]:
@@ -464,43 +648,82 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> torch.Tensor
     return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, -1)
 
 
+CONFUSION_FULL_CLASSES = 30
+"""Up to this many classes `save_confusion_png` always draws the whole matrix."""
+
+_LABEL_CHARS = 28
+"""Tick labels longer than this are cut (with "…") so that the matrix keeps its room."""
+
+
+def most_confused_classes(cm: Any, count: int) -> list[int]:
+    """Ids of the ``count`` classes with the most errors (misclassified samples of the true class, row
+    off-diagonal sum), ties to the smaller id, in ascending id order."""
+    counts = torch.as_tensor(cm).long()
+    errors = counts.sum(dim=1) - counts.diagonal()
+    order = sorted(range(counts.shape[0]), key=lambda i: (-int(errors[i]), i))
+    return sorted(order[:count])
+
+
 def save_confusion_png(
-    cm: Any, path: str | os.PathLike, labels: Sequence[str] | None = None, *, title: str | None = None
+    cm: Any,
+    path: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+    top_classes: int | None = None,
 ) -> Path:
     """Plot a row-normalised confusion matrix to a PNG (matplotlib Agg canvas, no pyplot, atomic).
 
     The figure grows with the class count (about 0.2 inch per class, capped at 40 inches) so that
     every class keeps a tick at 6-9 pt; beyond ~180 classes only every n-th class is labelled.
-    ``title`` (e.g. the encoder and its top-1) goes above the matrix.
+    ``title`` (e.g. the encoder and its top-1) goes above the matrix. With ``top_classes`` and more
+    than `CONFUSION_FULL_CLASSES` classes, only the ``top_classes`` classes with the most errors are
+    drawn (rows and columns; each cell still the fraction of its whole true class), and the title
+    says so. Labels longer than 28 characters are shortened.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     counts = torch.as_tensor(cm).double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    k = counts.shape[0]
-    longest = max((len(str(v)) for v in labels), default=0) if labels is not None else 0
+    total = counts.shape[0]
+    if top_classes is not None and total > CONFUSION_FULL_CLASSES and top_classes < total:
+        keep = most_confused_classes(counts, top_classes)
+        rates = rates[keep][:, keep]
+        labels = [labels[i] for i in keep] if labels is not None else [str(i) for i in keep]
+        note = f"the {len(keep)} of {total} classes with the most errors"
+        title = f"{title}\n({note})" if title else note
+    k = rates.shape[0]
+    names_all = [_short_label(v) for v in labels] if labels is not None else None
+    longest = max((len(v) for v in names_all), default=0) if names_all is not None else 0
     # Room for the rotated x labels and the y labels: ~0.07 inch per character at 7 pt.
-    margin = 1.5 + 0.07 * min(longest, 40)
+    margin = 1.5 + 0.07 * longest
     size = min(4 + 0.2 * k, 40)
     fig = Figure(figsize=(size + margin, size + margin))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(rates.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="fraction of the true class")
-    if labels is not None:
+    if names_all is not None:
         every = max(1, -(-k // 180))  # 40 inches hold ~180 ticks of 7 pt text
         ticks = list(range(0, k, every))
-        names = [str(labels[i]) for i in ticks]
+        names = [names_all[i] for i in ticks]
         fontsize = 9 if k <= 30 else 7 if k <= 120 else 6
         ax.set_xticks(ticks, names, rotation=90, fontsize=fontsize)
         ax.set_yticks(ticks, names, fontsize=fontsize)
     ax.set_xlabel("predicted", fontsize=10 if k <= 30 else 14)
     ax.set_ylabel("true", fontsize=10 if k <= 30 else 14)
     if title:
-        ax.set_title(title, fontsize=12 if k <= 30 else 20)
+        fontsize = 11 if k <= 30 else 20
+        width = max(20, int((size + margin) * 130 / fontsize))  # ~characters per line at that size
+        ax.set_title("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=fontsize)
     fig.tight_layout()
     return save_figure_atomically(fig, Path(path))
+
+
+def _short_label(value: Any) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= _LABEL_CHARS else text[: _LABEL_CHARS - 1] + "…"
 
 
 def save_accuracy_bars_png(

@@ -22,7 +22,8 @@ from dpcap.model.encoder import create_encoder
 if TYPE_CHECKING:
     from dpcap.model.configs import CaptionerConfig
 
-POOLS = ("mean", "cls")
+POOLS = ("mean", "cls", "mean_all")
+"""`encode_image` pools: the patch tokens' mean (CLS excluded), the CLS token, the mean of all tokens."""
 
 
 class Captioner(nn.Module):
@@ -90,12 +91,16 @@ class Captioner(nn.Module):
         return -(nll * mask).sum(dim=1)
 
     def encode_image(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
-        """``(B, Dv)`` image features: mean of the final-normed patch tokens (CLS excluded), or the CLS token."""
+        """``(B, Dv)`` image features from the final-normed tokens: ``"mean"`` over the patch tokens (CLS
+        excluded), ``"cls"`` the CLS token, ``"mean_all"`` over every token, CLS included (the pooling of
+        DP-Cap's released linear probe, ``z.mean(dim=1)`` over ``linear_prob_forward``'s tokens)."""
         if pool not in POOLS:
             raise ConfigError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
         tokens = self.image_tokens(images)
         if pool == "cls":
             return tokens[:, 0]
+        if pool == "mean_all":
+            return tokens.mean(dim=1)
         return tokens[:, self.encoder.num_prefix_tokens :].mean(dim=1)
 
     @torch.no_grad()
