@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
 
 from dpcap.cli import main
 from dpcap.errors import ConfigError
@@ -33,6 +31,7 @@ from dpcap.eval.probe import (
     torch_threads,
 )
 from tests.conftest import train_overrides, write_caption_folder
+from tests.eval.test_probe import blobs, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 REPORT_KEYS = {
     "encoder",
@@ -53,28 +52,6 @@ REPORT_KEYS = {
     "warnings",
     "threads",
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small problems run ~10x faster single-threaded on a shared 2-core machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def blobs(n: int, dim: int, k: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian blobs: class centres N(0, I), samples centre + spread · N(0, I), then an affine map."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(k, dim))
-    y = rng.integers(0, k, size=n)
-    x = centres[y] + spread * rng.normal(size=(n, dim))
-    scale = rng.uniform(0.1, 10.0, size=dim)
-    return x * scale + rng.normal(size=dim) * 5, y
 
 
 def run(capsys, argv: list[str]) -> tuple[dict, str]:

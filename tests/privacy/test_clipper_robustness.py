@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from timm.layers.norm import LayerNorm2d
@@ -22,6 +21,7 @@ from dpcap.errors import PrivacyError
 from dpcap.privacy import Clipper
 
 from .oracle import naive_clipped_sum
+from .test_clipper import tiny_vit
 
 
 class TokenMLP(nn.Module):
@@ -148,17 +148,7 @@ def test_layernorm_on_pooled_2d_input_matches_naive(dtype):
 def test_timm_vit_with_average_pool_and_fc_norm_matches_naive():
     """timm's default with global_pool='avg': `fc_norm` is a LayerNorm applied to (B, D)."""
     torch.manual_seed(2)
-    model = timm.create_model(
-        "vit_base_patch16_224",
-        pretrained=False,
-        num_classes=3,
-        img_size=16,
-        patch_size=8,
-        embed_dim=12,
-        depth=1,
-        num_heads=2,
-        global_pool="avg",
-    ).double()
+    model = tiny_vit(global_pool="avg").double()
     assert isinstance(model.fc_norm, nn.LayerNorm)
     labels = torch.tensor([0, 1, 2, 1])
 
