@@ -279,3 +279,21 @@ def test_repeated_small_step_calls_are_fast():
         ledger.epsilon(1e-5)
         ledger.epsilon_after(sigma=1.3, sample_rate=0.25, steps=1, delta=1e-5)
     assert (time.perf_counter() - start) / 20 < 0.2
+
+
+@pytest.mark.parametrize("accountant, oracle, slack", [("rdp", _oracle_rdp, 0.01), ("prv", _oracle_pld, 0.02)])
+def test_ledger_calibrate_sigma_spends_what_is_left_of_the_budget(accountant, oracle, slack):
+    """σ for the steps left after a recorded segment: dp-accounting composes both segments to the budget."""
+    ledger = Ledger()
+    ledger.record(1.1, 0.02, 300)
+    budget, delta = 4.0, 1e-5
+    sigma = ledger.calibrate_sigma(budget, sample_rate=0.05, steps=200, delta=delta, accountant=accountant)
+    composed = oracle([(1.1, 0.02, 300), (sigma, 0.05, 200)], delta)
+    assert composed == pytest.approx(budget, abs=slack * budget)
+    assert ledger.epsilon_after(sigma=sigma, sample_rate=0.05, steps=200, delta=delta, accountant=accountant) <= budget
+    lower = sigma / 1.002  # just below the calibrated σ: over the budget
+    assert ledger.epsilon_after(sigma=lower, sample_rate=0.05, steps=200, delta=delta, accountant=accountant) > budget
+    assert ledger.steps == 300  # calibrating records nothing
+    spent = ledger.epsilon(delta, accountant=accountant)
+    with pytest.raises(ConfigError, match="already spend"):
+        ledger.calibrate_sigma(spent * 0.9, sample_rate=0.05, steps=10, delta=delta, accountant=accountant)
