@@ -31,6 +31,24 @@ def _add_json(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS)
     )
 
 
+def _add_extraction(parser: argparse.ArgumentParser) -> None:
+    """Feature-extraction options of `probe` and `fewshot`."""
+    parser.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="cache the features here, one safetensors file per chunk of 16,384 images: a killed run resumes "
+        "from its finished chunks; required (one folder shared by all ranks) under torchrun/srun",
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="images per encoder forward (default 256)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (default 0)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (this rank's GPU if any, else the CPU; bf16 autocast on CUDA), cpu, cuda…",
+    )
+
+
 def _add_ema(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ema", action="store_true", help="use the run's EMA weights (train.ema_decay) instead of its last weights"
@@ -144,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         "--pool", default=None, choices=["mean", "cls", "mean_all"], help="default: mean (sweep), mean_all (dpcap)"
     )
     probe.add_argument("--threads", type=int, default=None, help="torch CPU threads for features and fits")
+    _add_extraction(probe)
     probe.add_argument("--out", default=None, help="write the report JSON here (and a confusion-matrix PNG)")
     _add_ema(probe)
     _add_json(probe)
@@ -158,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     fewshot.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     fewshot.add_argument("--out", default=None)
     fewshot.add_argument("--threads", type=int, default=None, help="torch CPU threads for features and fits")
+    _add_extraction(fewshot)
     _add_ema(fewshot)
     _add_json(fewshot)
 
@@ -292,6 +312,10 @@ def _cmd_probe(args: argparse.Namespace) -> dict:
         log=lambda line: print(line, file=sys.stderr, flush=True),
         progress=True,
         threads=args.threads,
+        cache_dir=args.cache,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
     )
     for warning in result.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
@@ -312,6 +336,11 @@ def _cmd_fewshot(args: argparse.Namespace) -> dict:
         out=args.out,
         use_ema=args.ema,
         threads=args.threads,
+        cache_dir=args.cache,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        progress=True,
     )
 
 

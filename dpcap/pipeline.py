@@ -73,16 +73,11 @@ def encoder_for_probe(spec: str | torch.nn.Module, *, use_ema: bool = False) -> 
     return load_run(spec, ema=use_ema)[0]
 
 
-def _features(model, data_dir: str, label: str, pool: str) -> tuple[torch.Tensor, list]:
+def _features(model, data_dir: str, label: str, pool: str, **extraction: Any) -> tuple[torch.Tensor, list]:
     """Features + labels of a shard folder or in-place index (label = a metadata field, or ``cls`` for
-    WebDataset ``.cls`` members) or of an ImageFolder tree (label = folder)."""
-    from dpcap.data.layout import is_shard_folder
-    from dpcap.eval.features import imagefolder_features, labelled_features
-
-    if is_shard_folder(data_dir):
-        data = labelled_features(model, data_dir, label_key=label, pool=pool, batch_size=256)
-    else:
-        data = imagefolder_features(model, data_dir, pool=pool)
+    WebDataset ``.cls`` members) or of an ImageFolder tree (label = folder). ``extraction``: as
+    `_probe_features`."""
+    data = _probe_features(model, data_dir, label, pool, **extraction)
     return data["features"], data["labels"]
 
 
@@ -102,6 +97,10 @@ def probe_encoder(
     progress: bool = False,
     threads: int | None = None,
     l2_grid: tuple[float, ...] | None = None,
+    cache_dir: str | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Linear probe of a frozen encoder: features of each split, one logistic-regression protocol.
 
@@ -119,8 +118,10 @@ def probe_encoder(
     tree, where it is ignored; ``val_dir`` given to the dpcap protocol). With ``out`` the report
     JSON goes there and a confusion-matrix PNG next to it, titled with ``name`` (default: the encoder
     spec), the protocol and the test top-1. ``log`` receives a line as each split's features start
-    and end (count, dimension, seconds) and one with the result; ``progress`` shows a bar over the
-    fits; ``threads`` sets torch's CPU threads for the extraction and every fit (restored after).
+    and end (count, dimension, seconds) and one with the result; ``progress`` shows a bar over each
+    split's images and one over the fits; ``threads`` sets torch's CPU threads for the extraction
+    and every fit (restored after). ``cache_dir``, ``batch_size``, ``workers``, ``device``: the
+    feature extraction's (see `_probe_features`).
     """
     from tqdm.auto import tqdm
 
@@ -161,7 +162,18 @@ def probe_encoder(
             if log is not None:
                 log(f"{name}: {split} features from {data_dir} ({kind}) …")
             started = time.perf_counter()
-            features[split] = _probe_features(model, data_dir, split_label, pool)
+            features[split] = _probe_features(
+                model,
+                data_dir,
+                split_label,
+                pool,
+                cache_dir=cache_dir,
+                batch_size=batch_size,
+                workers=workers,
+                device=device,
+                progress=progress,
+                desc=f"{split} features",
+            )
             seconds[f"features_{split}"] = round(time.perf_counter() - started, 3)
             x = features[split]["features"]
             source = features[split].get("label_source")
@@ -310,14 +322,38 @@ def _probe_label(data_dir: str, label: str | None) -> tuple[str | None, str]:
     )
 
 
-def _probe_features(model, data_dir: str, label: str | None, pool: str) -> dict[str, Any]:
-    """`_features`, keeping the whole result (features, labels, ids) for the report's checks."""
+def _probe_features(
+    model,
+    data_dir: str,
+    label: str | None,
+    pool: str,
+    *,
+    cache_dir: str | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    desc: str | None = None,
+) -> dict[str, Any]:
+    """The whole result (features, labels, ids) of a split, for the report's checks: batches of
+    ``batch_size``, ``workers`` decoding processes, on ``device`` (``auto``: this rank's GPU, else the
+    CPU; bf16 autocast on CUDA), cached in chunks under ``cache_dir`` (resumable; required, and
+    shared, when run on several ranks), a bar over the images with ``progress``."""
     from dpcap.data.layout import is_shard_folder
     from dpcap.eval.features import imagefolder_features, labelled_features
 
+    options = dict(
+        pool=pool,
+        batch_size=batch_size,
+        num_workers=workers,
+        cache_dir=cache_dir,
+        device=device,
+        progress=progress,
+        desc=desc,
+    )
     if is_shard_folder(data_dir):
-        return labelled_features(model, data_dir, label_key=label, pool=pool, batch_size=256)
-    return imagefolder_features(model, data_dir, pool=pool)
+        return labelled_features(model, data_dir, label_key=label, **options)
+    return imagefolder_features(model, data_dir, **options)
 
 
 def _same_data_warning(first: str, first_dir: str, first_data: dict, test_dir: str, test_data: dict) -> str | None:
@@ -411,17 +447,27 @@ def fewshot_encoder(
     out: str | None = None,
     use_ema: bool = False,
     threads: int | None = None,
+    cache_dir: str | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """k-shot logistic-regression accuracy (mean ± std over seeds) of a frozen encoder.
 
-    ``threads`` sets torch's CPU threads for the feature extraction and the fits (restored after)."""
+    ``threads`` sets torch's CPU threads for the feature extraction and the fits (restored after).
+    ``cache_dir``, ``batch_size``, ``workers``, ``device``, ``progress``: the feature extraction's
+    (see `_probe_features`)."""
     from dpcap.eval.fewshot import few_shot
     from dpcap.eval.probe import torch_threads
 
     model = encoder_for_probe(encoder, use_ema=use_ema)
     with torch_threads(threads):
-        x_train, y_train = _features(model, train_dir, label, pool)
-        x_test, y_test = _features(model, test_dir, label, pool)
+        extraction = dict(cache_dir=cache_dir, batch_size=batch_size, workers=workers, device=device)
+        x_train, y_train = _features(
+            model, train_dir, label, pool, progress=progress, desc="train features", **extraction
+        )
+        x_test, y_test = _features(model, test_dir, label, pool, progress=progress, desc="test features", **extraction)
         report = few_shot(x_train, y_train, x_test, y_test, shots=shots, seeds=seeds)
     report = {"label": label, "pool": pool, **report}
     if out:

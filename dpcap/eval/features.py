@@ -6,13 +6,26 @@ shard folder's contents and the label key). A file whose fingerprint differs, or
 read, is recomputed and replaced atomically (temporary name, then ``os.replace``). String columns
 (labels, splits) are stored as int64 ids plus the UTF-8 JSON list of names as a uint8 tensor, so the
 file holds tensors only and is never unpickled.
+
+`labelled_features` and `imagefolder_features` extract in chunks of ``chunk_size`` samples (rows
+``[start, stop)`` of the data, in order). With a cache folder each finished chunk is its own file,
+``<features|imagefolder>-<key[:32]>-<i:05d>-of-<n:05d>.safetensors``, holding ``features``,
+``ids``, ``label_ids``/``label_names`` (and, for shard folders, ``split_ids``/``split_names``) with
+metadata ``fingerprint`` (the cache key), ``chunk``, ``chunks``, ``start``, ``stop``, ``rows``
+(samples kept) and ``precision``. A re-run with the same key loads the finished chunks and computes
+only the missing ones, so a killed extraction resumes; a chunk whose key or row range differs, or
+that cannot be read, is recomputed and replaced. Under torchrun/srun (``WORLD_SIZE > 1``) chunk
+``i`` is computed by rank ``i % world_size`` and written to the (required, shared) cache folder;
+after a barrier every rank loads all chunks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -28,21 +41,34 @@ from dpcap.errors import ConfigError, DataError
 
 CACHE_FORMAT = "dpcap-features-v1"
 
+DEFAULT_CHUNK_SIZE = 16_384
+"""Samples per cache chunk: 16,384 × 768 float32 features are 48 MiB a file; ImageNet-1K train is 79 files."""
+
 
 def extract_features(
-    model: nn.Module, batches: Iterable[torch.Tensor], *, pool: str = "mean", device: str | torch.device = "cpu"
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    pool: str = "mean",
+    device: str | torch.device = "cpu",
+    autocast: bool | None = None,
 ) -> torch.Tensor:
     """Stack ``model.encode_image(images, pool=pool)`` over ``batches`` → (N, D) float32 on the CPU.
 
     The model is moved to ``device`` (in place) and run in eval mode under ``torch.no_grad()``; its
-    previous train/eval mode is restored afterwards. Empty batches are skipped; no batches at all
-    give a (0, D) tensor, D read from ``model.encoder.num_features`` when available.
+    previous train/eval mode is restored afterwards. ``autocast`` (default: on for a CUDA device)
+    runs the forward under bf16 autocast; the features are returned in float32 either way. Empty
+    batches are skipped; no batches at all give a (0, D) tensor, D read from
+    ``model.encoder.num_features`` when available.
     """
+    device = torch.device(device)
+    use_bf16 = _use_bf16(device, autocast)
     was_training = model.training
     model.to(device).eval()
     out: list[torch.Tensor] = []
     try:
-        with torch.no_grad():
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        with torch.no_grad(), amp:
             for images in batches:
                 if not isinstance(images, torch.Tensor):
                     raise ConfigError(f"extract_features expects image tensors, got {type(images).__name__}")
@@ -156,25 +182,62 @@ def labelled_features(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = False,
+    desc: str | None = None,
+    autocast: bool | None = None,
+    world: Any = None,
 ) -> dict[str, Any]:
     """Features and labels of every readable sample of a shard folder.
 
     Images go through ``dpcap.data.image_transform`` with the model's image size, mean and std.
     Returns ``{"features": (N, D) float32, "labels": list[str] (meta[label_key]), "split":
     list[str] (meta["split"], "" if absent), "ids": (N,) int64 global sample ids}``. Samples that
-    fail to decode are skipped (the reader counts them). With ``cache_dir`` the result is cached
-    under a key hashing the encoder weights, pool, transform, label key and shard contents.
+    fail to decode are skipped (the reader counts them). With ``cache_dir`` the result is cached,
+    one file per chunk of ``chunk_size`` samples (see the module docstring), under a key hashing the
+    encoder weights, pool, transform, precision, label key and shard contents. ``progress`` shows a
+    bar over the images (stderr, titled ``desc``); ``device`` may be ``"auto"`` (this rank's GPU if
+    any); ``world`` (default: :func:`dpcap.train.world.detect_world`) splits the chunks over ranks.
     """
-    if cache_dir is None:
-        return _unpack(_compute_labelled(model, shard_dir, label_key, pool, batch_size, device, num_workers))
-    key = _cache_key(model, shard_dir, label_key, pool)
-    path = Path(cache_dir) / f"features-{key[:32]}.safetensors"
-    tensors = cached_features(
-        path,
-        lambda: _compute_labelled(model, shard_dir, label_key, pool, batch_size, device, num_workers),
-        fingerprint=key,
-    )
-    return _unpack(tensors)
+    from dpcap.data.reader import MicroBatchLoader, SampleReader, image_transform, split_micro_batches
+
+    _check_positive("batch_size", batch_size)
+    _check_positive("chunk_size", chunk_size)
+    world, device = _world_and_device(world, device, cache_dir)
+    key = None
+    if cache_dir is not None:
+        key = _cache_key(model, shard_dir, label_key, pool, _precision(device, autocast))
+    reader = SampleReader(shard_dir, image_transform(*_transform_args(model)))
+
+    def compute(start: int, stop: int, bar: Any) -> dict[str, torch.Tensor]:
+        metas: list[dict[str, Any]] = []
+        ids = split_micro_batches(np.arange(start, stop), batch_size)
+        loader = MicroBatchLoader(reader, ids, num_workers, pin_memory=device.type == "cuda")
+        images = _counting(_images_collecting_meta(loader, metas, bar), bar)
+        features = extract_features(model, images, pool=pool, device=device, autocast=autocast)
+        return _labelled_tensors(features, metas, label_key, shard_dir)
+
+    try:
+        chunks = _chunked(
+            compute,
+            len(reader),
+            chunk_size=chunk_size,
+            cache_dir=cache_dir,
+            prefix="features",
+            key=key,
+            world=world,
+            progress=progress,
+            desc=desc or f"features {Path(shard_dir).name}",
+            precision=_precision(device, autocast),
+        )
+    finally:
+        reader.close()
+    return {
+        "features": torch.cat([c["features"] for c in chunks]),
+        "labels": [v for c in chunks for v in decode_strings(c["label_ids"], c["label_names"])],
+        "split": [v for c in chunks for v in decode_strings(c["split_ids"], c["split_names"])],
+        "ids": torch.cat([c["ids"] for c in chunks]),
+    }
 
 
 def imagefolder_features(
@@ -186,6 +249,11 @@ def imagefolder_features(
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
     num_workers: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = False,
+    desc: str | None = None,
+    autocast: bool | None = None,
+    world: Any = None,
 ) -> dict[str, Any]:
     """Features of a folder of images: an ImageFolder tree (``root/<class>/<image>``, labels = class
     folder names; ImageNet's ``train/`` or a sorted ``val/``) or ImageNet's flat ``val/`` with its
@@ -197,27 +265,50 @@ def imagefolder_features(
     "files": list[str] (paths relative to root, in row order), "class_names": {label: display
     name} (from LOC_synset_mapping.txt / meta.mat; {} when none), "layout": "tree" | "flat-csv" |
     "flat-devkit", "label_source": str | None (the label file, None for a tree)}``. With
-    ``cache_dir`` the features are cached under a key hashing the encoder weights, pool, transform,
-    every image's path, size and mtime, and the bytes of every label file read.
+    ``cache_dir`` the features are cached, one file per chunk of ``chunk_size`` images, under a key
+    hashing the encoder weights, pool, transform, precision, every image's path, size and mtime, and
+    the bytes of every label file read. ``progress``, ``desc``, ``device``, ``world``: as
+    :func:`labelled_features`.
     """
     from dpcap.data.reader import image_transform
     from dpcap.eval.imagenet import ImageDataset, resolve_images
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_positive("batch_size", batch_size)
+    _check_positive("chunk_size", chunk_size)
+    world, device = _world_and_device(world, device, cache_dir)
     images = resolve_images(root)
+    transform = image_transform(*_transform_args(model))
 
-    def compute() -> dict[str, torch.Tensor]:
-        dataset = ImageDataset(images.files, image_transform(*_transform_args(model)))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        return {"features": extract_features(model, loader, pool=pool, device=device)}
+    def compute(start: int, stop: int, bar: Any) -> dict[str, torch.Tensor]:
+        dataset = ImageDataset(images.files[start:stop], transform)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers if len(dataset) else 0,
+            pin_memory=device.type == "cuda",
+        )
+        features = extract_features(model, _counting(loader, bar), pool=pool, device=device, autocast=autocast)
+        label_ids, label_names = encode_strings(images.labels[start:stop])
+        ids = torch.arange(start, stop, dtype=torch.int64)
+        return {"features": features, "ids": ids, "label_ids": label_ids, "label_names": label_names}
 
-    if cache_dir is None:
-        features = compute()["features"]
-    else:
-        key = _imagefolder_cache_key(model, images, pool)
-        path = Path(cache_dir) / f"imagefolder-{key[:32]}.safetensors"
-        features = cached_features(path, compute, fingerprint=key)["features"]
+    key = None
+    if cache_dir is not None:
+        key = _imagefolder_cache_key(model, images, pool, _precision(device, autocast))
+    chunks = _chunked(
+        compute,
+        len(images.files),
+        chunk_size=chunk_size,
+        cache_dir=cache_dir,
+        prefix="imagefolder",
+        key=key,
+        world=world,
+        progress=progress,
+        desc=desc or f"features {Path(root).name}",
+        precision=_precision(device, autocast),
+    )
+    features = torch.cat([c["features"] for c in chunks])
     n = len(images.labels)
     return {
         "features": features,
@@ -231,7 +322,147 @@ def imagefolder_features(
     }
 
 
-def _imagefolder_cache_key(model: nn.Module, images: Any, pool: str) -> str:
+def chunk_path(cache_dir: str | os.PathLike, prefix: str, key: str, index: int, chunks: int) -> Path:
+    """The cache file of chunk ``index`` of ``chunks``: ``<prefix>-<key[:32]>-<index>-of-<chunks>.safetensors``."""
+    return Path(cache_dir) / f"{prefix}-{key[:32]}-{index:05d}-of-{chunks:05d}.safetensors"
+
+
+def _chunked(
+    compute: Callable[[int, int, Any], dict[str, torch.Tensor]],
+    n: int,
+    *,
+    chunk_size: int,
+    cache_dir: str | os.PathLike | None,
+    prefix: str,
+    key: str | None,
+    world: Any,
+    progress: bool,
+    desc: str,
+    precision: str,
+) -> list[dict[str, torch.Tensor]]:
+    """The chunks ``[start, stop)`` of ``range(n)`` in order: loaded from the cache when finished
+    there, else ``compute(start, stop, bar)`` and (with a cache) saved atomically. In a multi-rank
+    world this rank computes chunks ``rank, rank + world_size, …``, then waits at a barrier and loads
+    the others' chunks from the shared cache folder."""
+    from tqdm.auto import tqdm
+
+    bounds = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    if not bounds:  # no samples: one empty computation gives the (0, D) shapes; nothing to cache
+        return [compute(0, 0, None)]
+    paths = [chunk_path(cache_dir, prefix, key, i, len(bounds)) for i in range(len(bounds))] if key else None
+    mine = [i for i in range(len(bounds)) if i % world.world_size == world.rank]
+    done: dict[int, dict[str, torch.Tensor]] = {}
+    if paths is not None:
+        for i in mine:
+            loaded = _load_chunk(paths[i], key, i, *bounds[i])
+            if loaded is not None:
+                done[i] = loaded
+    total = sum(bounds[i][1] - bounds[i][0] for i in mine)
+    rank = f" (rank {world.rank}/{world.world_size})" if world.distributed else ""
+    bar = tqdm(
+        total=total,
+        initial=sum(bounds[i][1] - bounds[i][0] for i in done),
+        desc=desc + rank,
+        unit="img",
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not progress,
+    )
+    try:
+        if done:
+            bar.set_postfix(cached=f"{len(done)}/{len(mine)} chunks")
+        for i in mine:
+            if i in done:
+                continue
+            start, stop = bounds[i]
+            tensors = compute(start, stop, bar)
+            if paths is not None:
+                metadata = {
+                    "fingerprint": key,
+                    "format": "pt",
+                    "dpcap": CACHE_FORMAT,
+                    "chunk": str(i),
+                    "chunks": str(len(bounds)),
+                    "start": str(start),
+                    "stop": str(stop),
+                    "rows": str(int(tensors["features"].shape[0])),
+                    "precision": precision,
+                }
+                _atomic_save(paths[i], tensors, metadata)
+            done[i] = tensors
+    finally:
+        bar.close()
+    if world.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        for i in range(len(bounds)):
+            if i in done:
+                continue
+            loaded = _load_chunk(paths[i], key, i, *bounds[i])
+            if loaded is None:
+                raise DataError(
+                    f"{paths[i]}: chunk {i} (rows {bounds[i][0]}–{bounds[i][1]}) missing or stale after rank "
+                    f"{i % world.world_size} finished: is {cache_dir} one folder shared by every rank?"
+                )
+            done[i] = loaded
+    return [done[i] for i in range(len(bounds))]
+
+
+def _load_chunk(path: Path, key: str, index: int, start: int, stop: int) -> dict[str, torch.Tensor] | None:
+    """The tensors of a finished chunk file, or None when absent, unreadable or not this key's chunk."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            expected = {"fingerprint": key, "chunk": str(index), "start": str(start), "stop": str(stop)}
+            if any(meta.get(k) != v for k, v in expected.items()):
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
+def _counting(batches: Iterable[torch.Tensor], bar: Any) -> Iterator[torch.Tensor]:
+    """``batches`` as they are, advancing ``bar`` by each batch's images once it has been consumed."""
+    for images in batches:
+        yield images
+        if bar is not None:
+            bar.update(int(images.shape[0]))
+
+
+def _world_and_device(world: Any, device: str | torch.device, cache_dir: Any) -> tuple[Any, torch.device]:
+    """The launcher's world (joined when multi-rank; a cache folder is then required) and the device
+    (``"auto"``: this rank's GPU, else the CPU)."""
+    from dpcap.train.world import detect_world, device_for, init_distributed
+
+    world = detect_world() if world is None else world
+    if world.distributed:
+        if cache_dir is None:
+            raise ConfigError(
+                f"distributed feature extraction ({world.world_size} ranks) needs a cache folder shared by all "
+                "ranks (--cache DIR): each rank writes its chunks there, then reads the others'"
+            )
+        init_distributed(world)
+    return world, device_for(world, str(device)) if str(device) == "auto" else torch.device(device)
+
+
+def _use_bf16(device: torch.device, autocast: bool | None) -> bool:
+    return device.type == "cuda" if autocast is None else bool(autocast)
+
+
+def _precision(device: torch.device, autocast: bool | None) -> str:
+    return "bfloat16-autocast" if _use_bf16(device, autocast) else "float32"
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _imagefolder_cache_key(model: nn.Module, images: Any, pool: str, precision: str = "float32") -> str:
     digest = hashlib.sha256(f"{images.root}|{images.layout}|".encode())
     for path in images.files:
         stat = path.stat()
@@ -244,6 +475,7 @@ def _imagefolder_cache_key(model: nn.Module, images: Any, pool: str) -> str:
         "weights": weights_fingerprint(getattr(model, "encoder", model)),
         "pool": pool,
         "transform": _transform_args(model),
+        "precision": precision,
         "images": digest.hexdigest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -254,39 +486,25 @@ def _transform_args(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[flo
     return cfg.vision.image_size, tuple(cfg.image_mean), tuple(cfg.image_std)
 
 
-def _cache_key(model: nn.Module, shard_dir: str | os.PathLike, label_key: str, pool: str) -> str:
+def _cache_key(
+    model: nn.Module, shard_dir: str | os.PathLike, label_key: str, pool: str, precision: str = "float32"
+) -> str:
     encoder = getattr(model, "encoder", model)
     parts = {
         "format": CACHE_FORMAT,
         "weights": weights_fingerprint(encoder),
         "pool": pool,
         "transform": _transform_args(model),
+        "precision": precision,
         "label_key": label_key,
         "shards": shards_fingerprint(shard_dir),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _compute_labelled(
-    model: nn.Module,
-    shard_dir: str | os.PathLike,
-    label_key: str,
-    pool: str,
-    batch_size: int,
-    device: str | torch.device,
-    num_workers: int,
+def _labelled_tensors(
+    features: torch.Tensor, metas: list[dict[str, Any]], label_key: str, shard_dir: str | os.PathLike
 ) -> dict[str, torch.Tensor]:
-    from dpcap.data.reader import MicroBatchLoader, SampleReader, image_transform, split_micro_batches
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    reader = SampleReader(shard_dir, image_transform(*_transform_args(model)))
-    metas: list[dict[str, Any]] = []
-    loader = MicroBatchLoader(reader, split_micro_batches(np.arange(len(reader)), batch_size), num_workers)
-    try:
-        features = extract_features(model, _images_collecting_meta(loader, metas), pool=pool, device=device)
-    finally:
-        reader.close()
     labels = [_label(m, label_key, shard_dir) for m in metas]
     label_ids, label_names = encode_strings(labels)
     split_ids, split_names = encode_strings([str(m.get("split", "")) for m in metas])
@@ -301,9 +519,13 @@ def _compute_labelled(
     }
 
 
-def _images_collecting_meta(batches: Iterable[Any], metas: list[dict[str, Any]]) -> Iterator[torch.Tensor]:
+def _images_collecting_meta(
+    batches: Iterable[Any], metas: list[dict[str, Any]], bar: Any = None
+) -> Iterator[torch.Tensor]:
     for batch in batches:
         metas.extend(batch.meta)
+        if bar is not None and sum(batch.skipped.values()):
+            bar.update(sum(batch.skipped.values()))  # the bar counts samples read, kept or not
         yield batch.images
 
 
@@ -312,12 +534,3 @@ def _label(meta: dict[str, Any], label_key: str, shard_dir: str | os.PathLike) -
         keys = ", ".join(sorted(meta)) or "none"
         raise DataError(f"sample {meta.get('id', '?')} in {shard_dir} has no label {label_key!r} (keys: {keys})")
     return str(meta[label_key])
-
-
-def _unpack(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    return {
-        "features": tensors["features"],
-        "labels": decode_strings(tensors["label_ids"], tensors["label_names"]),
-        "split": decode_strings(tensors["split_ids"], tensors["split_names"]),
-        "ids": tensors["ids"],
-    }
