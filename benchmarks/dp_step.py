@@ -582,6 +582,16 @@ def build_report(args, methods, times, peaks, extras) -> dict:
     return report
 
 
+def print_branch_table(rows: Sequence[dict]) -> None:
+    """The Clipper's per-layer branch choices of the last step, one line per layer, on stderr."""
+    print(f"{'layer':<40} {'B':>4} {'T':>4} {'d':>5} {'p':>6} {'branch':<12} {'ghost MAC':>10} "
+          f"{'inst MAC':>10} {'extra MiB':>9}", file=sys.stderr)  # fmt: skip
+    for r in rows:
+        print(f"{r['name']:<40} {r['B']:>4} {r['T']:>4} {r['d']:>5} {r['p']:>6} {r['branch']:<12} "
+              f"{r['ghost_flops']:>10.3g} {r['instantiated_flops']:>10.3g} {r['extra_bytes'] / 2**20:>9.2f}",
+              file=sys.stderr)  # fmt: skip
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -653,6 +663,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     methods = [cls(args, images, tokens) for cls in method_classes(args)]
     times = time_interleaved(methods, args.warmup, args.iters, device)
     peaks = {m.name: step_peak_bytes(m, device) for m in methods}
+    extras["branches"] = next(m for m in methods if m.name == "dpcap").clipper.branch_table()
+    print_branch_table(extras["branches"])
     extras["load_average_end"] = os.getloadavg()
     extras["wall_seconds"] = time.perf_counter() - started
     report = build_report(args, methods, times, peaks, extras)

@@ -5,8 +5,9 @@ for the gradient of Σ_i ℓ_i with respect to those *outputs* only, so paramete
 formed by autograd (the engine prunes every edge into a weight). From (x, g) each layer handler gives
 per-sample squared norms; their sum over all layers is ‖∇ℓ_i‖² over all trainable parameters
 (invariant 2: one norm for the whole model). With c_i = min(1, C/‖∇ℓ_i‖), each handler then forms
-Σ_i c_i ∇ℓ_i directly (one matmul for a Linear) and adds it to `.grad`, so successive micro-batches
-accumulate (Abadi et al. 2016, DP-SGD clipping).
+Σ_i c_i ∇ℓ_i directly (for a Linear: one matmul, or a contraction of the per-sample gradients it
+kept) and adds it to `.grad`, so successive micro-batches accumulate (Abadi et al. 2016, DP-SGD
+clipping).
 
 The clipper's own maths (the backward to the layer outputs, the norms, the clip factors and the
 clipped sums) runs with autocast disabled, in at least float32 (float64 when the parameters are), on
@@ -28,6 +29,7 @@ from torch.autograd.graph import get_gradient_edge
 from dpcap.errors import PrivacyError
 
 from .layers import Capture, LayerRegistry, default_registry
+from .layers.base import DEFAULT_MEMORY_BUDGET_BYTES
 from .validate import plan_layers
 
 # Added to the norm before dividing so a zero gradient gives a finite clip factor of 1.
@@ -37,11 +39,26 @@ _NORM_EPS = 1e-6
 class Clipper:
     """Computes Σ_i min(1, C/‖g_i‖)·g_i into `.grad` of every trainable parameter of `model`."""
 
-    def __init__(self, model: nn.Module, max_grad_norm: float, *, registry: LayerRegistry | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        max_grad_norm: float,
+        *,
+        registry: LayerRegistry | None = None,
+        memory_budget_bytes: float = DEFAULT_MEMORY_BUDGET_BYTES,
+    ) -> None:
+        """`memory_budget_bytes`: extra bytes one layer may use for a faster exact branch (a Linear's
+        per-sample gradients instead of its ghost norm; see `layers/linear.py`). Per layer, not in total:
+        instantiated per-sample gradients are kept from the norm to the clipped-sum phase, so several
+        layers' can be alive at once. 0 takes every layer's smallest-memory branch."""
         if not max_grad_norm > 0:
             raise PrivacyError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if not memory_budget_bytes >= 0:
+            raise PrivacyError(f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
+        self.memory_budget_bytes = memory_budget_bytes
+        self._branches: list[dict] = []
         self._layers = plan_layers(model, registry or default_registry())
         self._captures: dict[int, list[Capture]] = defaultdict(list)
         self._hooks = [
@@ -67,6 +84,11 @@ class Clipper:
                 self._captures[index].append(Capture(detached, edge, output.shape, output.dtype))
 
         return hook
+
+    def branch_table(self) -> list[dict]:
+        """Each layer's branch decision (name, B, T, d, p, branch, est. flops and extra bytes both ways)
+        from the last backward that clipped anything; only layers whose handler has a choice appear."""
+        return [dict(row) for row in self._branches]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -120,14 +142,18 @@ class Clipper:
             ]
             cursor += count
         del grads, outputs
-        prepared = {}
+        prepared, branches = {}, []
         sq_norms = torch.zeros(batch, dtype=dtype, device=losses.device)
         for i in active:
-            _, module, handler = self._layers[i]
+            name, module, handler = self._layers[i]
             captures = [_captured_as(c, dtype) for c in self._captures.pop(i)]
             prepared[i] = handler.prepare(module, captures, per_layer.pop(i))
             del captures
+            decision = handler.plan(module, prepared[i], self.memory_budget_bytes)
+            if decision is not None:
+                branches.append({"name": name or "<root>", **decision})
             sq_norms += handler.sq_norms(module, prepared[i])
+        self._branches = branches
         norms = sq_norms.sqrt()
         clip = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0)
         for i in active:

@@ -22,6 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+# Extra scratch bytes a handler may spend on one layer to take a faster exact branch (see linear.py).
+DEFAULT_MEMORY_BUDGET_BYTES = 256 << 20  # 256 MiB
+
 
 @dataclass
 class Capture:
@@ -40,7 +43,7 @@ class Capture:
 class LayerHandler:
     """Base class of the per-layer maths. Subclasses set `module_types` and override the methods.
 
-    The clipper calls `prepare` once per layer and step (after the backward), then `sq_norms` and,
+    The clipper calls `prepare` once per layer and step (after the backward), then `plan`, `sq_norms` and,
     once the clip factors are known, `clipped_sums` on what `prepare` returned — so work shared by
     the two (unfolding patches, per-sample bias gradients) is done once. All three run with autocast
     disabled, and `prepare` receives the floating-point inputs and output gradients already cast to
@@ -87,6 +90,12 @@ class LayerHandler:
     def prepare(self, module: nn.Module, captures: Sequence[Capture], grads: Sequence[torch.Tensor]) -> Any:
         """What `sq_norms` and `clipped_sums` need, computed once from the forward captures and output grads."""
         raise NotImplementedError
+
+    def plan(self, module: nn.Module, prepared: Any, memory_budget_bytes: float) -> dict | None:
+        """Choose among the handler's exact branches for this step (called after `prepare`, before
+        `sq_norms`), spending at most `memory_budget_bytes` extra; return the decision for the Clipper's
+        branch table, or None where there is nothing to choose."""
+        return None
 
     def sq_norms(self, module: nn.Module, prepared: Any) -> torch.Tensor:
         """Per-sample squared gradient norms (B,), at least float32, over the trainable parameters covered."""

@@ -1,0 +1,202 @@
+"""nn.Linear's two exact branches (ghost norm, instantiated per-sample gradients), the cost-based choice
+between them within a memory budget, and the Clipper's branch table, against the per-example loop oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dpcap.errors import PrivacyError
+from dpcap.model import create_captioner, get_tokenizer
+from dpcap.privacy import Clipper
+from dpcap.privacy.layers import default_registry
+from dpcap.privacy.layers.linear import (
+    GHOST,
+    INSTANTIATED,
+    MatrixLayer,
+    branch_costs,
+    choose_branch,
+)
+from tests.privacy.oracle import naive_clipped_sum
+
+TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+class Head(nn.Module):
+    """Linear(s) on (B, T, d) or (B, d) inputs; a per-sample loss non-linear in the outputs."""
+
+    def __init__(self, d, p, bias, dtype, hidden=None):
+        super().__init__()
+        widths = [d, p] if hidden is None else [d, hidden, p]
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b, bias=bias, dtype=dtype) for a, b in zip(widths[:-1], widths[1:], strict=True)
+        )
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x if i == 0 else torch.tanh(x))
+        return x
+
+    def loss(self, x, target):
+        out = self(x)
+        return (torch.sin(out) * target).reshape(out.shape[0], -1).sum(dim=1) + out.pow(2).reshape(
+            out.shape[0], -1
+        ).mean(dim=1)
+
+
+def make_inputs(batch, positions, d, p, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, d) if positions is None else (batch, positions, d)
+    out_shape = (batch, p) if positions is None else (batch, positions, p)
+    # Samples of very different scales, so a mid-range bound clips some and leaves others.
+    scale = torch.logspace(-2, 1, batch, dtype=dtype).reshape(batch, *[1] * (len(shape) - 1))
+    return torch.randn(shape, generator=gen, dtype=dtype) * scale, torch.randn(out_shape, generator=gen, dtype=dtype)
+
+
+def clip_and_compare(model, inputs, dtype, *, force=None, budget=None):
+    """Clipper (branch forced or chosen) vs the naive loop at C = median norm; returns the branch table."""
+    _, probe = naive_clipped_sum(model, model.loss, inputs, float("inf"))
+    bound = float(probe.median())
+    expected, expected_norms = naive_clipped_sum(model, model.loss, inputs, bound)
+    assert bool((expected_norms > bound).any()) and bool((expected_norms < bound).any())  # clipped and not
+    registry = default_registry()
+    registry.lookup(model.layers[0]).force_branch = force
+    kwargs = {} if budget is None else {"memory_budget_bytes": budget}
+    clipper = Clipper(model, bound, registry=registry, **kwargs)
+    model.zero_grad(set_to_none=True)
+    norms = clipper.backward(model.loss(*inputs))
+    tol = TOLERANCE[dtype]
+    assert norms.dtype == dtype
+    torch.testing.assert_close(norms, expected_norms.to(dtype), **tol)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], **tol, msg=name)
+    table = clipper.branch_table()
+    clipper.remove()
+    return table
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("branch", [GHOST, INSTANTIATED, None])  # None: the cost-based choice
+@pytest.mark.parametrize("positions", [7, 1, None])  # odd T; T = 1; a 2-D (B, d) input
+def test_linear_branch_matches_naive(positions, branch, bias, dtype):
+    torch.manual_seed(0)
+    d, p = 5, 3
+    model = Head(d, p, bias, dtype)
+    table = clip_and_compare(model, list(make_inputs(6, positions, d, p, dtype)), dtype, force=branch)
+    (row,) = table
+    assert (row["name"], row["B"], row["T"], row["d"], row["p"]) == ("layers.0", 6, positions or 1, d, p)
+    if branch is not None:
+        assert row["branch"] == branch
+    else:  # ghost iff T²(d+p) < p·d: never at T = 7 (49·8 > 15), always at T = 1 (8 < 15)
+        assert row["branch"] == (GHOST if (positions or 1) == 1 else INSTANTIATED)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_two_layers_on_different_branches_share_one_norm(dtype):
+    """Budget between the layers' instantiated sizes: the wide layer falls back to ghost, the narrow one
+    instantiates; the norms summed over both branches and the clipped sums still match the naive loop."""
+    torch.manual_seed(1)
+    batch, positions, d, hidden, p = 4, 5, 6, 40, 2
+    size = torch.finfo(dtype).bits // 8
+    wide, narrow = batch * hidden * d * size, batch * p * hidden * size
+    model = Head(d, p, True, dtype, hidden=hidden)
+    inputs = list(make_inputs(batch, positions, d, p, dtype, seed=3))
+    table = clip_and_compare(model, inputs, dtype, budget=(wide + narrow) // 2)
+    assert [(r["name"], r["branch"]) for r in table] == [("layers.0", GHOST), ("layers.1", INSTANTIATED)]
+    assert table[0]["extra_bytes"] == 2 * batch * positions**2 * size
+    assert table[1]["extra_bytes"] == narrow
+
+
+def test_budget_zero_takes_the_smaller_memory_branch():
+    torch.manual_seed(2)
+    model = Head(5, 3, True, torch.float64)
+    inputs = list(make_inputs(6, 7, 5, 3, torch.float64))
+    (row,) = clip_and_compare(model, inputs, torch.float64, budget=0)
+    # instantiated: 6·3·5 floats < ghost: 2·6·49 floats
+    assert row["branch"] == INSTANTIATED and row["instantiated_bytes"] < row["ghost_bytes"]
+    model = Head(40, 30, True, torch.float64)
+    (row,) = clip_and_compare(model, list(make_inputs(6, 3, 40, 30, torch.float64)), torch.float64, budget=0)
+    assert row["branch"] == GHOST and row["ghost_bytes"] < row["instantiated_bytes"]
+
+
+def test_cost_model_formulas():
+    costs = branch_costs(batch=3, positions=5, d=7, p=11, element_size=4)
+    assert costs[GHOST] == {"flops": 2 * 3 * 25 * 18 + 3 * 5 * 11 * 7, "bytes": 2 * 3 * 25 * 4}
+    assert costs[INSTANTIATED] == {"flops": 3 * 5 * 11 * 7 + 2 * 3 * 11 * 7, "bytes": 3 * 11 * 7 * 4}
+
+
+@pytest.mark.parametrize(
+    ("shape", "winner"),
+    [
+        # short sequence, wide layer: T²(d+p) = 16·1536 ≪ p·d = 2^19 → ghost (Gram matrices are tiny)
+        ((32, 4, 512, 1024), GHOST),
+        # long sequence, narrow layer: T²(d+p) = 4096·128 ≫ p·d = 4096 → instantiated (G_i is tiny)
+        ((32, 64, 64, 64), INSTANTIATED),
+        ((32, 1, 8, 8), GHOST),  # T = 1: d + p < p·d
+    ],
+)
+def test_automatic_choice_picks_the_clear_winner(shape, winner):
+    batch, positions, d, p = shape
+    costs = branch_costs(batch, positions, d, p, element_size=4)
+    assert choose_branch(costs, memory_budget_bytes=float("inf")) == winner
+    loser = INSTANTIATED if winner == GHOST else GHOST
+    # both share B·T·p·d, so ghost wins by at most (T + 2)/T; instantiated by up to ~2T(d+p)/(p·d)·T
+    assert costs[winner]["flops"] < 0.75 * costs[loser]["flops"]
+    # ... and agrees with the closed form: ghost iff T²(d+p) < p·d
+    assert (winner == GHOST) == (positions**2 * (d + p) < p * d)
+
+
+def test_choice_respects_the_budget():
+    # T = 64, d = p = 256: instantiated is faster (T²(d+p) ≫ p·d) but needs 8 MiB against ghost's 1 MiB
+    costs = branch_costs(32, 64, 256, 256, element_size=4)
+    assert costs[INSTANTIATED]["flops"] < costs[GHOST]["flops"]
+    assert costs[GHOST]["bytes"] < costs[INSTANTIATED]["bytes"]
+    assert choose_branch(costs, costs[INSTANTIATED]["bytes"]) == INSTANTIATED
+    assert choose_branch(costs, costs[INSTANTIATED]["bytes"] - 1) == GHOST  # only ghost fits
+    assert choose_branch(costs, costs[GHOST]["bytes"] - 1) == GHOST  # nothing fits: the smaller
+    small = branch_costs(32, 64, 64, 64, element_size=4)  # here instantiated is also the smaller
+    assert choose_branch(small, 0) == INSTANTIATED
+    with pytest.raises(ValueError, match="unknown branch"):
+        choose_branch(costs, 0, force="naive")
+
+
+def test_instantiated_branch_reuses_and_frees_per_sample_gradients():
+    """x and g are dropped once G is formed; G is dropped once the clipped sum is; the sum is Σ c_i G_i."""
+    layer = nn.Linear(5, 3, dtype=torch.float64)
+    x, g = torch.randn(4, 7, 5, dtype=torch.float64), torch.randn(4, 7, 3, dtype=torch.float64)
+    clip = torch.rand(4, dtype=torch.float64)
+    per_sample = torch.einsum("btp,btd->bpd", g, x)
+    state = MatrixLayer.of(layer, x, g)
+    assert state.plan(layer, 0, force=INSTANTIATED)["branch"] == INSTANTIATED
+    norms = state.sq_norms(layer)
+    assert state.x is None and state.g is None and state.weight_grads is not None
+    expected_norms = per_sample.pow(2).sum(dim=(1, 2)) + g.sum(dim=1).pow(2).sum(dim=1)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-12, atol=0)
+    sums = state.clipped_sums(layer, clip)
+    assert state.weight_grads is None
+    torch.testing.assert_close(sums["weight"], torch.einsum("b,bpd->pd", clip, per_sample), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sums["bias"], clip @ g.sum(dim=1), rtol=1e-12, atol=0)
+
+
+def test_negative_budget_refused():
+    with pytest.raises(PrivacyError, match="memory_budget_bytes"):
+        Clipper(nn.Linear(2, 2), 1.0, memory_budget_bytes=-1)
+
+
+def test_branch_table_lists_every_linear_of_the_nano_captioner():
+    model = create_captioner("nano", seed=0)
+    tokens = get_tokenizer("nano")(["a dog on a sofa", "two cats", "a red bicycle against a wall"])
+    images = torch.rand(3, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    clipper = Clipper(model, 1.0)
+    clipper.backward(model.per_sample_loss(images, tokens))
+    table = clipper.branch_table()
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert sorted(row["name"] for row in table) == sorted(linears)  # each Linear once, nothing else
+    for row in table:
+        assert row["B"] == 3 and row["branch"] in (GHOST, INSTANTIATED)
+        assert row["extra_bytes"] == row[f"{row['branch']}_bytes"]
+        module = model.get_submodule(row["name"])
+        assert (row["d"], row["p"]) == (module.in_features, module.out_features)
+    clipper.remove()
