@@ -394,9 +394,9 @@ def _chunked(
     finally:
         bar.close()
     if world.distributed:
-        import torch.distributed as dist
+        from dpcap.train.world import barrier
 
-        dist.barrier()
+        barrier(world)
         for i in range(len(bounds)):
             if i in done:
                 continue

@@ -87,6 +87,12 @@ def init_distributed(world: World, backend: str | None = None) -> None:
     )
 
 
+def barrier(world: World) -> None:
+    """Wait for every rank (no-op for one process): e.g. until all have written their share to a shared folder."""
+    if world.distributed:
+        dist.barrier()
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
