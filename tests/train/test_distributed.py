@@ -66,7 +66,9 @@ def _noise_rank(rank: int, world_size: int, port: int, queue) -> None:
         param.grad = torch.zeros_like(param)
         generator = secret_generator(insecure_seed=3) if rank == 0 else None
         DataParallelReducer().finish([param], noise_std=0.5, generator=generator, expected_batch_size=10.0)
-        queue.put((rank, param.grad.clone()))
+        # A numpy copy travels by value: a tensor would be shared through this process's fd server, gone
+        # once it exits, and the parent's get() then fails (FileNotFoundError) if the child is quicker.
+        queue.put((rank, param.grad.numpy().copy()))
     finally:
         dist.destroy_process_group()
 
@@ -79,7 +81,7 @@ def test_world_noise_is_one_draw_of_sigma_c():
     procs = [ctx.Process(target=_noise_rank, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
+    results = {rank: torch.from_numpy(grad) for rank, grad in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
     torch.testing.assert_close(results[0], results[1])  # every rank holds the same update
