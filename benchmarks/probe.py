@@ -227,12 +227,18 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "platform": platform.platform()},
         "versions": {"torch": torch.__version__, "sklearn": __import__("sklearn").__version__},
     }
+    write_report(report, args.out)
+
+
+def write_report(report: dict, out: Path | None) -> None:
+    """Print the report as the last stdout line; with `out`, also write it atomically, like dp_step.py:
+    a killed run leaves no half-written result."""
     print(json.dumps(report))
-    if args.out is not None:  # atomically, like dp_step.py: a killed run leaves no half-written result
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, args.out)
+        os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from dpcap.eval.probe import (
 from dpcap.model.registry import create_captioner, get_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probe import make_problem  # noqa: E402  (benchmarks/ is not a package: import its sibling by path)
+from probe import make_problem, write_report  # noqa: E402  (benchmarks/ is not a package: import its sibling by path)
 
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 CENTRE_SCALE = 0.27
@@ -454,12 +454,7 @@ def main() -> None:
         },
         "versions": {"torch": torch.__version__, "sklearn": __import__("sklearn").__version__},
     }
-    print(json.dumps(report))
-    if args.out is not None:  # atomically, like dp_step.py: a killed run leaves no half-written result
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, args.out)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
