@@ -1,8 +1,9 @@
 """The run: privacy plan and budget guard, auto-resume, the step loop, checkpoints, signals.
 
-Order of start-up follows big_vision: resume from the run folder's LAST checkpoint if there is one,
-else start from scratch. Each logical step t draws its ids from the stateless Poisson sampler
-(seed, t), so a resumed run sees exactly the batches an uninterrupted one would.
+Order of start-up follows big_vision: resume from the run folder's newest checkpoint that verifies
+(LAST's, or the newest by step that does; see dpcap.train.state), else start from scratch. Each
+logical step t draws its ids from the stateless Poisson sampler (seed, t), so a resumed run sees
+exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
