@@ -451,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: no space left on the device ({err.filename or err}): free space and run again", file=sys.stderr)
         return 2
+    if result.get("fit") == "on rank 0":  # a helper rank of a distributed probe: rank 0 prints the report
+        print(f"rank {result['rank']}: features extracted; rank 0 fits and reports", file=sys.stderr)
+        return 0
     if args.json:
         print(json.dumps(result, sort_keys=False))
     else:

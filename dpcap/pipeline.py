@@ -135,6 +135,7 @@ def probe_encoder(
         save_confusion_png,
         torch_threads,
     )
+    from dpcap.train.world import detect_world
 
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown probe protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
@@ -199,8 +200,14 @@ def probe_encoder(
                 same = _same_data_warning(first, dirs[first], features[first], test_dir, features["test"])
                 if same:
                     warnings.append(same)
-        x_train, y_train = features["train"]["features"], features["train"]["labels"]
-        x_test, y_test = features["test"]["features"], features["test"]["labels"]
+        world = detect_world()
+        if world.distributed and world.rank != 0:
+            # Every rank extracted its share (gathered through the cache); one fit is enough.
+            seconds["total"] = round(time.perf_counter() - started_all, 3)
+            return {"rank": world.rank, "fit": "on rank 0", "data": data, "seconds": seconds}
+        fit_on = fit_device(device, world)
+        x_train, y_train = features["train"]["features"].to(fit_on), features["train"]["labels"]
+        x_test, y_test = features["test"]["features"].to(fit_on), features["test"]["labels"]
         started = time.perf_counter()
         fits = 1 if protocol == "dpcap" else len(grid) + 1
         bar = tqdm(
@@ -222,7 +229,7 @@ def probe_encoder(
                 result = dpcap_probe(x_train, y_train, x_test, y_test, return_predictions=bool(out), on_fit=on_fit)
                 grid = (result["l2"],)
             else:
-                x_val = features["val"]["features"] if "val" in features else None
+                x_val = features["val"]["features"].to(fit_on) if "val" in features else None
                 y_val = features["val"]["labels"] if "val" in features else None
                 result = linear_probe(
                     x_train,
@@ -256,6 +263,7 @@ def probe_encoder(
         "l2_grid": list(grid),
         **{k: v for k, v in result.items() if k not in ("top1", "l2")},
         "threads": threads,
+        "fit_device": str(fit_on),
         "seconds": seconds,
         "warnings": warnings,
     }
@@ -284,6 +292,14 @@ def probe_encoder(
         _write_json(Path(out), report)
     report.pop("per_l2", None)
     return report
+
+
+def fit_device(device: str | torch.device, world: Any = None) -> torch.device:
+    """Where the probe's fits run: the extraction's device, so ``auto`` and ``cuda`` fit on this rank's
+    GPU (an ImageNet-1K fit is 1.28M × D features; L-BFGS there is matmul-bound) and ``cpu`` on the CPU."""
+    from dpcap.train.world import detect_world, device_for
+
+    return device_for(world or detect_world(), str(device))
 
 
 def _probe_model(encoder, use_ema: bool) -> tuple[torch.nn.Module, dict[str, Any] | None]:
@@ -460,6 +476,7 @@ def fewshot_encoder(
     (see `_probe_features`)."""
     from dpcap.eval.fewshot import few_shot
     from dpcap.eval.probe import torch_threads
+    from dpcap.train.world import detect_world
 
     model = encoder_for_probe(encoder, use_ema=use_ema)
     with torch_threads(threads):
@@ -468,8 +485,12 @@ def fewshot_encoder(
             model, train_dir, label, pool, progress=progress, desc="train features", **extraction
         )
         x_test, y_test = _features(model, test_dir, label, pool, progress=progress, desc="test features", **extraction)
-        report = few_shot(x_train, y_train, x_test, y_test, shots=shots, seeds=seeds)
-    report = {"label": label, "pool": pool, **report}
+        world = detect_world()
+        if world.distributed and world.rank != 0:
+            return {"rank": world.rank, "fit": "on rank 0"}  # the features are shared; one rank fits
+        fit_on = fit_device(device, world)
+        report = few_shot(x_train.to(fit_on), y_train, x_test.to(fit_on), y_test, shots=shots, seeds=seeds)
+    report = {"label": label, "pool": pool, "fit_device": str(fit_on), **report}
     if out:
         _write_json(Path(out), report)
     return report

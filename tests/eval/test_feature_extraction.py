@@ -278,3 +278,47 @@ def test_probe_and_fewshot_cli_cache_workers_batch_size(tree: Path, tmp_path: Pa
     captured = capsys.readouterr()
     assert "train features" in captured.err  # the CLI shows the extraction's bar
     assert chunk.stat().st_mtime_ns == stamp and len(list(cache.iterdir())) == 1  # read, not rewritten
+
+
+@pytest.mark.slow
+def test_two_rank_probe_fits_once_on_rank_0(tree: Path, tmp_path: Path) -> None:
+    """`dpcap probe` under a 2-rank launch: both ranks extract (through the shared cache), only rank 0
+    fits and prints the report; rank 1 prints nothing on stdout."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+        }
+        argv = [sys.executable, "-m", "dpcap", "probe", "random:nano", "--train", str(tree), "--test", str(tree)]
+        argv += ["--cache", str(tmp_path / "cache"), "--device", "cpu", "--json"]
+        procs.append(subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+        outputs.append((out.decode(), err.decode()))
+    report = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert report["num_test"] == 8 and report["fit_device"] == "cpu" and 0.0 <= report["top1"] <= 1.0
+    assert outputs[1][0] == "" and "rank 1: features extracted; rank 0 fits" in outputs[1][1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_probe_and_fewshot_fit_on_the_gpu_like_on_the_cpu(tree: Path) -> None:
+    from dpcap.pipeline import fewshot_encoder, probe_encoder
+
+    data = dict(train_dir=str(tree), test_dir=str(tree))
+    cpu = probe_encoder("random:nano", device="cpu", **data)
+    gpu = probe_encoder("random:nano", device="auto", **data)
+    assert cpu["fit_device"] == "cpu" and gpu["fit_device"].startswith("cuda")
+    assert abs(gpu["top1"] - cpu["top1"]) <= 1 / 8  # bf16 features on the GPU: at most one image flips
+    shots = fewshot_encoder("random:nano", device="cuda", label=None, shots=(1,), seeds=(0,), **data)
+    assert shots["fit_device"].startswith("cuda") and 0.0 <= shots["shots"][1]["mean"] <= 1.0
