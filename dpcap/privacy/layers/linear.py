@@ -31,6 +31,7 @@ multiply-adds.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from timm.layers import Linear as TimmLinear
 from torch import nn
 
 from .base import DEFAULT_MEMORY_BUDGET_BYTES, LayerHandler, check_batched_input, trainable, upcast
+from .ghost_kernel import GHOST_KERNEL_ENV, SUPPORTED_DTYPES, ghost_sq_norms_triton, triton_available
 
 GHOST = "ghost"
 INSTANTIATED = "instantiated"
@@ -74,7 +76,20 @@ def choose_branch(costs: dict[str, dict[str, int]], memory_budget_bytes: float, 
 
 
 def ghost_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """‖Σ_t g_t x_tᵀ‖²_F per sample for x (B,T,d), g (B,T,p), as Σ_{t,s}(x_t·x_s)(g_t·g_s)."""
+    """‖Σ_t g_t x_tᵀ‖²_F per sample for x (B,T,d), g (B,T,p), as Σ_{t,s}(x_t·x_s)(g_t·g_s).
+
+    On CUDA, by the fused Triton kernel (`ghost_kernel`), which never writes the two B×T×T Gram matrices
+    to memory; elsewhere, for float64, or with ``DPCAP_GHOST_KERNEL=torch``, by torch from the Gram
+    matrices (the reference). ``DPCAP_GHOST_KERNEL=triton`` forces the kernel (e.g. on CPU under
+    ``TRITON_INTERPRET=1``).
+    """
+    choice = os.environ.get(GHOST_KERNEL_ENV, "auto")
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{GHOST_KERNEL_ENV}={choice!r}; expected auto, torch or triton")
+    if choice == "triton" or (
+        choice == "auto" and triton_available(x) and x.dtype in SUPPORTED_DTYPES and g.dtype in SUPPORTED_DTYPES
+    ):
+        return ghost_sq_norms_triton(x, g).to(torch.promote_types(x.dtype, g.dtype))
     return ((x @ x.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
 
 
