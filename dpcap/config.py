@@ -75,6 +75,9 @@ class TrainConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0  # cosine decays to lr·min_lr_ratio
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Activation checkpointing of every encoder and decoder block (non-reentrant): less activation memory
+    # for one more forward through the blocks in the backward; the same gradients, private or not.
+    grad_checkpointing: bool = False
     device: str = "auto"  # "auto" = cuda if available, else cpu
     checkpoint_every: int = 50  # logical steps; the last step is always checkpointed
     keep_checkpoints: int = 2

@@ -3,6 +3,9 @@
 Only nn.Linear, nn.Embedding, nn.LayerNorm and `LearnedPositions` own parameters, so the privacy
 engine can compute every per-sample gradient norm layer by layer. No dropout, no weight tying (a
 shared weight would make per-layer per-sample norms wrong), nothing that mixes samples.
+
+`set_grad_checkpointing` (timm's name) recomputes each block's activations in the backward instead of
+keeping them, with non-reentrant ``torch.utils.checkpoint`` (the form the privacy engine supports).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dpcap.errors import DataError
 
@@ -96,15 +100,23 @@ class TextDecoder(nn.Module):
         )
         self.ln_final = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=bias)
+        self.grad_checkpointing = False
         self.apply(_init_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block: its activations are recomputed in the backward, not kept (as timm's)."""
+        self.grad_checkpointing = bool(enable)
 
     def forward(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, T, V)`` for `tokens` ``(B, T)`` given `image_tokens` ``(B, N, Dv)``."""
         if tokens.shape[1] > self.context_length:
             raise DataError(f"{tokens.shape[1]} decoder positions exceed context_length {self.context_length}")
         x = self.positions(self.token_embedding(tokens))
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, image_tokens)
+            # Non-reentrant: the first forward runs with autograd on, so the clipper's hooks record it
+            # (a reentrant checkpoint would hide the block's layers from them; see dpcap/privacy/clipper.py).
+            x = checkpoint(block, x, image_tokens, use_reentrant=False) if recompute else block(x, image_tokens)
         return self.head(self.ln_final(x))
 
 

@@ -13,6 +13,14 @@ The clipper's own maths (the backward to the layer outputs, the norms, the clip 
 clipped sums) runs with autocast disabled, in at least float32 (float64 when the parameters are), on
 the forward's captured activations cast to that dtype: the bound C must hold whatever precision the
 caller's forward used, and a bf16 norm or sum matmul could let one example's contribution exceed it.
+
+Activation checkpointing (timm's ``set_grad_checkpointing``, ``Captioner.set_grad_checkpointing``) is
+supported in its non-reentrant form (``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``):
+the first forward runs with autograd on, so every covered layer is captured as usual and its output
+edge is a node of the real graph; the recomputation that the backward triggers inside each checkpointed
+region fires the forward hooks a second time, and those calls are ignored (see `_recording`). The
+reentrant form is refused (`_refuse_reentrant_checkpointing`): its first forward runs under no_grad,
+so the layers inside it would leave no capture and their parameters no gradient.
 """
 
 from __future__ import annotations
@@ -31,6 +39,14 @@ from dpcap.errors import PrivacyError
 from .layers import Capture, LayerRegistry, default_registry
 from .layers.base import DEFAULT_MEMORY_BUDGET_BYTES
 from .validate import plan_layers
+
+try:  # timm's global switch between reentrant and non-reentrant checkpointing (TIMM_REENTRANT_CKPT)
+    from timm.layers import use_reentrant_ckpt as _timm_reentrant
+except ImportError:  # a timm without the switch: its checkpoint helpers take use_reentrant per call only
+
+    def _timm_reentrant() -> bool:
+        return False
+
 
 # Added to the norm before dividing so a zero gradient gives a finite clip factor of 1.
 _NORM_EPS = 1e-6
@@ -61,6 +77,9 @@ class Clipper:
         self._branches: list[dict] = []
         self._layers = plan_layers(model, registry or default_registry())
         self._captures: dict[int, list[Capture]] = defaultdict(list)
+        # Layers that ran with autograd off since the last clear: the trigger of the reentrant check.
+        self._ungraded: set[int] = set()
+        self._differentiating = False  # True while our own autograd.grad runs (see `_recording`)
         self._hooks = [
             handler.tap(module).register_forward_hook(self._make_hook(index))
             for index, (_, module, handler) in enumerate(self._layers)
@@ -74,8 +93,13 @@ class Clipper:
         _, planned, handler = self._layers[index]
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not self._recording():
+                return
+            if not torch.is_grad_enabled():
+                self._ungraded.add(index)
+                return
             # Only a forward that will be differentiated needs its activations kept.
-            if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
                 reason = handler.check_call(planned, inputs, output)
                 if reason:
                     raise PrivacyError(f"cannot clip per sample: {self._label(index)}: {reason}")
@@ -84,6 +108,22 @@ class Clipper:
                 self._captures[index].append(Capture(detached, edge, output.shape, output.dtype))
 
         return hook
+
+    def _recording(self) -> bool:
+        """False for forward calls made by a backward: activation checkpointing's recomputation.
+
+        A non-reentrant checkpoint re-runs its region's forward when the backward first unpacks a tensor
+        saved there, with autograd on, so these hooks fire again; recording that call would append a
+        second capture per layer (and a gradient edge of a graph that is thrown away). The capture of
+        the first forward is the one that counts: the output gradients the backward computes through
+        the recomputed tensors are the gradients at that forward's values, because the recomputation
+        repeats it exactly: torch.utils.checkpoint restores the CPU and device RNG states
+        (preserve_rng_state=True, so a dropout mask would be redrawn identically; dpcap's models have
+        no dropout anyway) and the autocast state of the first forward (the clipper's backward runs
+        with autocast off, the recomputation under the forward's bf16 autocast), and its default
+        determinism check refuses recomputed tensors whose shape, dtype or device differ.
+        """
+        return not self._differentiating and not _inside_backward()
 
     def branch_table(self) -> list[dict]:
         """Each layer's branch decision (name, B, T, d, p, branch, est. flops and extra bytes both ways)
@@ -96,6 +136,7 @@ class Clipper:
     def clear(self) -> None:
         """Drop kept activations (e.g. after a forward that will not be back-propagated)."""
         self._captures.clear()
+        self._ungraded.clear()
 
     def remove(self) -> None:
         """Remove the hooks; the model is left as it was."""
@@ -118,6 +159,7 @@ class Clipper:
             self.clear()
 
     def _clip_and_accumulate(self, losses: torch.Tensor) -> torch.Tensor:
+        self._refuse_reentrant_checkpointing(losses)
         with _autocast_disabled(losses.device.type):
             return self._clip_and_accumulate_exact(losses, _compute_dtype(self.trainable_parameters(), losses))
 
@@ -132,7 +174,11 @@ class Clipper:
                         f"does not have the batch ({batch} samples) as its first dimension"
                     )
         outputs = [capture.output_edge for i in active for capture in self._captures[i]]
-        grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        self._differentiating = True  # the checkpoint recomputation inside this backward is not recorded
+        try:
+            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        finally:
+            self._differentiating = False
         per_layer, cursor = {}, 0
         for i in active:
             count = len(self._captures[i])
@@ -164,6 +210,35 @@ class Clipper:
         self._ensure_grads()
         return norms
 
+    def _refuse_reentrant_checkpointing(self, losses: torch.Tensor) -> None:
+        """PrivacyError where reentrant activation checkpointing hides layers from the hooks.
+
+        A reentrant checkpoint (``use_reentrant=True``; DeepSpeed's ``CheckpointFunction`` too) runs its
+        first forward under no_grad inside an autograd.Function: the layers there record nothing, and
+        their parameters are not edges of the graph. Clipping would give them a zero gradient (or stop
+        on torch's "incompatible with .grad()"). Two checks: timm models switched to checkpointing while
+        timm's global mode is reentrant (whatever the graph looks like: with a frozen stem the
+        checkpoint node is not even in it), and, where a layer that owns trainable parameters ran with
+        autograd off and left no capture, a reentrant checkpoint node in the loss's graph.
+        """
+        if _timm_reentrant():
+            for name, module in self.model.named_modules():
+                if getattr(module, "grad_checkpointing", False) is True and type(module).__module__.startswith("timm."):
+                    raise PrivacyError(
+                        f"cannot clip per sample: {name or '<root>'} ({type(module).__name__}) uses timm's reentrant "
+                        "gradient checkpointing (TIMM_REENTRANT_CKPT / timm.layers.set_reentrant_ckpt(True)): its "
+                        "layers run under no_grad and would get no per-sample gradient; use the non-reentrant "
+                        "default (set_reentrant_ckpt(False))"
+                    )
+        missing = sorted(i for i in self._ungraded if not self._captures.get(i))
+        if missing and losses.grad_fn is not None and _has_reentrant_checkpoint(losses.grad_fn):
+            labels = ", ".join(self._label(i) for i in missing[:3]) + (", …" if len(missing) > 3 else "")
+            raise PrivacyError(
+                f"cannot clip per sample: reentrant activation checkpointing (use_reentrant=True) in the loss's "
+                f"graph; {labels} ran under no_grad inside it and would get no per-sample gradient. "
+                "Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
+            )
+
     def _ensure_grads(self) -> None:
         """Parameters unused by this forward still get a (zero) gradient, so noise reaches every one."""
         for p in self.trainable_parameters():
@@ -177,6 +252,31 @@ def _accumulate(param: nn.Parameter, value: torch.Tensor) -> None:
         param.grad = value
     else:
         param.grad.add_(value)
+
+
+def _inside_backward() -> bool:
+    """Whether this thread is executing an autograd backward (any, not only the clipper's own)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)  # what torch.utils.checkpoint itself reads
+    return current is not None and current() != -1
+
+
+def _has_reentrant_checkpoint(root: object) -> bool:
+    """Whether the autograd graph below `root` holds a reentrant checkpoint node.
+
+    torch's reentrant checkpoint is an autograd.Function named ``CheckpointFunction`` (its node
+    ``CheckpointFunctionBackward``), as is DeepSpeed's activation checkpointing. Only walked when a trainable layer
+    ran with autograd off, so the common step pays nothing.
+    """
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
 
 
 def _compute_dtype(params: list[nn.Parameter], losses: torch.Tensor) -> torch.dtype:

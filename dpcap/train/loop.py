@@ -194,6 +194,7 @@ def _start(config: RunConfig, world: World, allow_privacy_change: bool, lock: Ru
     index = ShardIndex(config.data.shards)
     device = device_for(world, config.train.device)
     model = build_model(config).to(device)
+    model.set_grad_checkpointing(config.train.grad_checkpointing)  # training only: eval builds leave it off
     anchors = _public_warm_start(config, model)
     optimizer = make_optimizer(model, config)
     run_dir = Path(config.run_dir)
