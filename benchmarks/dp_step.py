@@ -33,6 +33,8 @@ The last stdout line is one JSON object, also written atomically to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import gc
 import itertools
 import json
@@ -111,6 +113,13 @@ def make_batch(model: nn.Module, tokenizer, batch_size: int, seed: int, device: 
     images = torch.rand(batch_size, 3, model.image_size, model.image_size, generator=generator) * 2 - 1
     tokens = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(batch_size)])
     return images.to(device), tokens.to(device)
+
+
+def forward_precision(args: argparse.Namespace, device: torch.device):
+    """The forward's autocast (``--amp bf16``) or a no-op; the clipper's own maths stays float32 either way."""
+    if args.amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -273,9 +282,15 @@ class Method:
         self.optimizer = make_optimizer(self.model)
         self.noise_std = args.sigma * args.max_grad_norm
         self.generator = secret_generator(images.device, insecure_seed=args.seed)
+        self.args = args
 
     def step(self) -> None:
         raise NotImplementedError
+
+    def losses(self, model: nn.Module | None = None) -> torch.Tensor:
+        """(B,) per-sample losses of the batch, the forward under ``--amp``."""
+        with forward_precision(self.args, self.images.device):
+            return (model or self.model).per_sample_loss(self.images, self.tokens).float()
 
     def finish_private(self) -> None:
         """+ N(0, σ²C²) on the clipped sum, ÷ B, AdamW; gradients freed for the next step."""
@@ -290,7 +305,7 @@ class NonPrivate(Method):
     name = "nonprivate"
 
     def step(self) -> None:
-        self.model.per_sample_loss(self.images, self.tokens).sum().backward()
+        self.losses().sum().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -303,7 +318,7 @@ class Dpcap(Method):
         self.clipper = Clipper(self.model, args.max_grad_norm)
 
     def step(self) -> None:
-        self.clipper.backward(self.model.per_sample_loss(self.images, self.tokens))
+        self.clipper.backward(self.losses())
         self.finish_private()
 
 
@@ -315,7 +330,9 @@ class OpacusGhost(Method):
         self.gsm = opacus_wrap(OpacusView(self.model), args.max_grad_norm)
 
     def step(self) -> None:
-        opacus_two_backward(self.gsm, self.gsm(self.images, self.tokens), self.optimizer)
+        with forward_precision(self.args, self.images.device):
+            losses = self.gsm(self.images, self.tokens).float()
+        opacus_two_backward(self.gsm, losses, self.optimizer)
         self.finish_private()
 
 
@@ -500,6 +517,7 @@ def config_summary(args: argparse.Namespace, device: torch.device, model: nn.Mod
         "caption_target_tokens": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())},
         "max_grad_norm": args.max_grad_norm,
         "sigma": args.sigma,
+        "amp": args.amp,
         "warmup": args.warmup,
         "iters": args.iters,
         "threads": torch.get_num_threads(),
@@ -599,6 +617,20 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers")
+    return values
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="nano", help="named captioner size (default nano)")
@@ -626,6 +658,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--check-batch-size", type=int, default=16, help="first N samples used by the sanity check and opacus probe"
     )
+    parser.add_argument("--amp", choices=("off", "bf16"), default="off", help="autocast the forward (e.g. bf16 on GPU)")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead of one shape: a table over --scaling-sizes × --scaling-tokens × --scaling-batches",
+    )
+    parser.add_argument("--scaling-sizes", type=_names, default=SCALING_SIZES, help="comma-separated sizes")
+    parser.add_argument("--scaling-tokens", type=_ints, default=SCALING_TOKENS, help="image tokens, e.g. 65,197")
+    parser.add_argument("--scaling-batches", type=_ints, default=SCALING_BATCHES, help="batch sizes, e.g. 16,32")
+    parser.add_argument("--scaling-opacus", action="store_true", help="time opacus ghost clipping in every cell")
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     args.overrides = dict(args.override)
@@ -634,15 +676,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device = resolve_device(args.device)
-    threads = args.threads or (1 if device.type == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+def measure(args: argparse.Namespace, device: torch.device) -> dict:
+    """One shape: the opacus probes and gradient check (unless switched off), then the timed methods."""
     started = time.perf_counter()
-
     shape_model = build_model(args, device)
     tokenizer = get_tokenizer(args.size, **args.overrides)
     images, tokens = make_batch(shape_model, tokenizer, args.batch_size, args.seed, device)
@@ -664,10 +700,97 @@ def main(argv: Sequence[str] | None = None) -> dict:
     times = time_interleaved(methods, args.warmup, args.iters, device)
     peaks = {m.name: step_peak_bytes(m, device) for m in methods}
     extras["branches"] = next(m for m in methods if m.name == "dpcap").clipper.branch_table()
-    print_branch_table(extras["branches"])
     extras["load_average_end"] = os.getloadavg()
     extras["wall_seconds"] = time.perf_counter() - started
-    report = build_report(args, methods, times, peaks, extras)
+    return build_report(args, methods, times, peaks, extras)
+
+
+SCALING_SIZES = ("nano", "tiny", "small")
+SCALING_TOKENS = (65, 197)
+SCALING_BATCHES = (16, 32, 64, 128)
+
+
+def scaling_cell(args: argparse.Namespace, size: str, tokens: int, batch: int) -> argparse.Namespace:
+    """The arguments of one scaling cell: ``size`` at the image size giving ``tokens`` image tokens
+    (CLS + a square grid of patches), batch ``batch``; opacus only with ``--scaling-opacus``, no checks."""
+    grid = round((tokens - 1) ** 0.5)
+    if grid * grid + 1 != tokens:
+        raise SystemExit(f"error: --scaling-tokens {tokens} is not 1 + a square number of patches")
+    patch = get_config(size, **args.overrides).vision.patch_size
+    cell = copy.copy(args)
+    cell.size, cell.batch_size = size, batch
+    cell.overrides = {**args.overrides, "image_size": patch * grid}
+    cell.no_opacus, cell.no_check, cell.naive = not args.scaling_opacus, True, "off"
+    return cell
+
+
+def scaling_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Time and step-memory ratios of dpcap (and opacus ghost) vs non-private over sizes × T × B."""
+    rows = []
+    for size in args.scaling_sizes:
+        for tokens in args.scaling_tokens:
+            for batch in args.scaling_batches:
+                cell = scaling_cell(args, size, tokens, batch)
+                report = measure(cell, device)
+                methods = report["methods"]
+                row = {
+                    "size": size,
+                    "T": tokens,
+                    "image_size": cell.overrides["image_size"],
+                    "B": batch,
+                    "nonprivate_s": methods["nonprivate"]["seconds_median"],
+                    "dpcap_s": methods["dpcap"]["seconds_median"],
+                    "time_ratio": report["time_ratio_vs_nonprivate"],
+                    "memory_ratio": report["memory_ratio_vs_nonprivate"],
+                    "nonprivate_peak_bytes": methods["nonprivate"]["peak_step_bytes"],
+                    "dpcap_peak_bytes": methods["dpcap"]["peak_step_bytes"],
+                    "opacus_ghost_time_ratio": report["opacus_ghost_time_ratio_vs_nonprivate"],
+                    "opacus_ghost_memory_ratio": report["opacus_ghost_memory_ratio_vs_nonprivate"],
+                    "instantiated_layers": sum(r["branch"] == "instantiated" for r in report["branches"]),
+                    "ghost_layers": sum(r["branch"] == "ghost" for r in report["branches"]),
+                    "images_per_s": {name: batch / m["seconds_median"] for name, m in methods.items()},
+                }
+                rows.append(row)
+                print_scaling_row(row, header=len(rows) == 1)
+    return rows
+
+
+def print_scaling_row(row: dict, header: bool) -> None:
+    if header:
+        print(f"{'size':<6} {'T':>4} {'px':>4} {'B':>4} {'nonpriv s':>9} {'dpcap s':>8} {'time x':>6} "
+              f"{'mem x':>6} {'opacus x':>8}", file=sys.stderr)  # fmt: skip
+    opacus = "-" if row["opacus_ghost_time_ratio"] is None else f"{row['opacus_ghost_time_ratio']:.3f}"
+    print(f"{row['size']:<6} {row['T']:>4} {row['image_size']:>4} {row['B']:>4} {row['nonprivate_s']:>9.3f} "
+          f"{row['dpcap_s']:>8.3f} {row['time_ratio']:>6.3f} {row['memory_ratio']:>6.3f} "
+          f"{opacus:>8}", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    threads = args.threads or (1 if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    if args.scaling:
+        started = time.perf_counter()
+        report = {
+            "scaling": scaling_table(args, device),
+            "config": {
+                "device": str(device),
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                "threads": torch.get_num_threads(),
+                "amp": args.amp,
+                "warmup": args.warmup,
+                "iters": args.iters,
+                "torch": torch.__version__,
+                "load_average_end": os.getloadavg(),
+            },
+            "wall_seconds": time.perf_counter() - started,
+        }
+    else:
+        report = measure(args, device)
+        print_branch_table(report["branches"])
     write_json_atomic(args.out, report)
     print(json.dumps(report, separators=(",", ":")))
     return report

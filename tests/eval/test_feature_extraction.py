@@ -311,6 +311,7 @@ def test_two_rank_probe_fits_once_on_rank_0(tree: Path, tmp_path: Path) -> None:
     assert outputs[1][0] == "" and "rank 1: features extracted; rank 0 fits" in outputs[1][1]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_probe_and_fewshot_fit_on_the_gpu_like_on_the_cpu(tree: Path) -> None:
     from dpcap.pipeline import fewshot_encoder, probe_encoder

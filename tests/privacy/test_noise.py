@@ -92,6 +92,7 @@ def test_insecure_seed_validation():
             secret_generator(insecure_seed=bad)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_noise_matches_cuda_generator():
     x = torch.zeros(1000, device="cuda")
