@@ -7,7 +7,9 @@
 #      and its scaling table (nano/tiny/small × T ∈ {65, 197} × B ∈ {16, 32, 64, 128});
 #   3. the Triton ghost-norm kernel against the torch path (benchmarks/ghost_kernel.py), and the memory
 #      activation checkpointing saves at `base` (benchmarks/grad_checkpointing.py);
-#   4. a 20-step DP training run on synthetic TarWriter shards under torchrun (nccl when there are two
+#   4. the ImageNet-1K probe's costs: extraction images/s per size in bf16, the 1,000-class DP-Cap fit on
+#      the GPU against the CPU and scikit-learn (benchmarks/probe_imagenet.py, issue 13);
+#   5. a 20-step DP training run on synthetic TarWriter shards under torchrun (nccl when there are two
 #      or more GPUs; one GPU is one rank, which needs no process group).
 #
 # Every stage writes JSON into OUT_DIR; gpu_check.json sums them up (each stage's exit code and seconds).
@@ -62,6 +64,8 @@ if [ "$MODE" = gpu ]; then
   stage ghost_kernel "$PY" benchmarks/ghost_kernel.py --device cuda --out "$OUT/ghost_kernel.json"
   stage grad_checkpointing "$PY" benchmarks/grad_checkpointing.py --device cuda --size base --batch-size 128 \
     --precision bf16 --out "$OUT/grad_checkpointing.json"
+  stage probe_imagenet "$PY" benchmarks/probe_imagenet.py --device cuda --ns 10000 20000 --sklearn-max-n 10000 \
+    --out "$OUT/probe_imagenet.json"
   SAMPLES=4096 IMAGE=96 NPROC=$GPUS
   TRAIN=(model.size=small train.steps=20 train.batch_size=512 train.micro_batch_size=128 train.precision=bf16
     train.warmup_steps=2 train.checkpoint_every=20 train.device=auto)
@@ -76,6 +80,8 @@ else
     --out "$OUT/ghost_kernel.json"
   stage grad_checkpointing "$PY" benchmarks/grad_checkpointing.py --device cpu --size nano --batch-size 8 \
     --out "$OUT/grad_checkpointing.json"
+  stage probe_imagenet "$PY" benchmarks/probe_imagenet.py --device cpu --sizes nano --batch-size 8 --batches 1 \
+    --ns 400 --classes 10 --n-test 100 --dim 32 --out "$OUT/probe_imagenet.json"
   SAMPLES=64 IMAGE=32 NPROC=2
   TRAIN=(model.size=nano model.image_size=32 model.context_length=16 train.steps=3 train.batch_size=16
     train.micro_batch_size=8 train.warmup_steps=1 train.checkpoint_every=3 train.device=cpu)
@@ -96,7 +102,7 @@ from pathlib import Path
 
 out, mode, nproc = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 summary = {"mode": mode, "stages": [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]}
-for name in ("dp_step_base", "dp_step_scaling", "ghost_kernel", "grad_checkpointing"):
+for name in ("dp_step_base", "dp_step_scaling", "ghost_kernel", "grad_checkpointing", "probe_imagenet"):
     path = out / f"{name}.json"
     if path.is_file():
         summary[name] = json.loads(path.read_text())

@@ -31,8 +31,8 @@ def test_gpu_check_runs_every_stage_on_the_cpu(tmp_path: Path) -> None:
     assert summary["mode"] == "small"
     stages = {s["stage"]: s["rc"] for s in summary["stages"]}
     assert set(stages) == {
-        "cuda_tests", "dp_step_base", "dp_step_scaling", "ghost_kernel", "grad_checkpointing", "synthetic_shards",
-        "synthetic_index", "train_torchrun",
+        "cuda_tests", "dp_step_base", "dp_step_scaling", "ghost_kernel", "grad_checkpointing", "probe_imagenet",
+        "synthetic_shards", "synthetic_index", "train_torchrun",
     }  # fmt: skip
     assert all(rc == 0 for rc in stages.values()), stages
     assert summary["cuda_tests"]["tests"] >= 2  # the marker selects the CUDA tests (skipped here)
