@@ -118,6 +118,10 @@ class DemoConfig:
     # The non-private baseline's own learning rate (None: the DP run's). Each side is tuned on its own:
     # without noise a smaller step learns better features; DP's noisy steps need a larger one.
     nonprivate_lr: float | None = None
+    # The baseline's own logical batch (None: the DP run's). Its step count is scaled so that it sees as
+    # many samples as the DP run (steps × batch, warm-up alike): the same compute, at the small batches
+    # that suit non-private training, where DP needs large ones (DP-Cap's main lesson).
+    nonprivate_batch_size: int | None = None
 
 
 @dataclass

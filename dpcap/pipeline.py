@@ -597,11 +597,11 @@ def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label
         dp = train(load_config(config_path, [*shared, f"run_dir={out / 'dp'}"]))
     if not dp["done"]:
         raise ConfigError(f"the DP run stopped early at step {dp['step']} ({dp['stopped_by']})")
-    nonprivate_overrides = ["privacy.sigma=0", "privacy.epsilon=null"]
-    if base.demo.nonprivate_lr is not None:
-        nonprivate_overrides.append(f"train.lr={base.demo.nonprivate_lr}")
-    with stages("train_nonprivate", f"non-private training ({base.train.steps} steps, σ = 0)"):
-        train(load_config(config_path, [*shared, *nonprivate_overrides, f"run_dir={out / 'nonprivate'}"]))
+    nonprivate_overrides = ["privacy.sigma=0", "privacy.epsilon=null", *demo_nonprivate_train(base)]
+    nonprivate_config = load_config(config_path, [*shared, *nonprivate_overrides, f"run_dir={out / 'nonprivate'}"])
+    nonprivate_train = {k: getattr(nonprivate_config.train, k) for k in ("steps", "batch_size", "lr")}
+    with stages("train_nonprivate", f"non-private training ({nonprivate_train['steps']} steps, σ = 0)"):
+        train(nonprivate_config)
     with stages("export", "exporting the DP encoder"):
         export = export_run(out / "dp", out / "export")
     models = {"dp": load_run(out / "dp")[0], "nonprivate": load_run(out / "nonprivate")[0]}
@@ -636,7 +636,10 @@ def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label
             samples,
             out / "captions.png",
             labels={"dp": f"DP ({eps_text})", "nonprivate": "non-private"},
-            title=f"greedy captions of test images ({dp['steps']} steps each)",
+            title=(
+                f"greedy captions of test images (DP {dp['steps']} steps of {base.train.batch_size}, non-private "
+                f"{nonprivate_train['steps']} of {nonprivate_train['batch_size']})"
+            ),
         )
         probe_png = save_accuracy_bars_png(
             {title: probes[name]["top1"] for name, title in DEMO_ENCODERS},
@@ -650,6 +653,7 @@ def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label
         "steps": dp["steps"],
         "sample_rate": dp["sample_rate"],
         "num_samples": dp["num_samples"],
+        "nonprivate_train": nonprivate_train,
         "probe": {name: probes[name]["top1"] for name in ("dp", "random_init", "nonprivate")},
         "probe_label": probes["dp"]["label"],
         "num_classes": probes["dp"]["num_classes"],
@@ -667,6 +671,27 @@ def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label
     _write_json(out / "report.json", report)
     print(format_report(report))
     return report
+
+
+def demo_nonprivate_train(base: RunConfig) -> list[str]:
+    """The ``train.*`` overrides of the demo's non-private baseline: its own lr and batch
+    (``demo.nonprivate_lr``, ``demo.nonprivate_batch_size``), the steps and warm-up scaled so that it
+    sees as many samples as the DP run."""
+    demo, train = base.demo, base.train
+    overrides = [] if demo.nonprivate_lr is None else [f"train.lr={demo.nonprivate_lr}"]
+    batch = demo.nonprivate_batch_size
+    if batch is not None and batch != train.batch_size:
+        if batch < 1:
+            raise ConfigError(f"demo.nonprivate_batch_size must be >= 1, got {batch}")
+        scale = train.batch_size / batch
+        overrides += [
+            f"train.batch_size={batch}",
+            f"train.micro_batch_size={min(batch, train.micro_batch_size)}",
+            f"train.steps={max(1, round(train.steps * scale))}",
+            f"train.warmup_steps={round(train.warmup_steps * scale)}",
+            f"train.checkpoint_every={max(1, round(train.checkpoint_every * scale))}",
+        ]
+    return overrides
 
 
 _STAGE_NAMES = {
@@ -703,6 +728,13 @@ def format_report(report: dict) -> str:
         else "",
         f"linear probe top-1 on {report['probe_label']} ({report['num_classes']} classes):",
     ]
+    baseline = report.get("nonprivate_train")
+    if baseline:
+        lines.insert(
+            1,
+            f"non-private baseline: σ = 0, {baseline['steps']} steps of batch {baseline['batch_size']}, "
+            f"lr {baseline['lr']:g}",
+        )
     for name, label in (("dp", "DP encoder"), ("nonprivate", "non-private encoder"), ("random_init", "random init")):
         lines.append(f"  {label:<22} {100 * report['probe'][name]:6.2f}%")
     captions = report.get("captions") or []

@@ -56,6 +56,9 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert saved["num_samples"] > 2000  # the real emoji train split
     assert saved["probe"]["dp"] > saved["probe"]["random_init"]
     # The captioners learn to caption: the non-private train loss ends well below uniform over the vocabulary.
+    # The baseline at its own batch, over as many samples as the DP run (the config's 50 × 256 = 200 × 64).
+    assert saved["nonprivate_train"] == {"steps": 200, "batch_size": 64, "lr": 1e-3}
+    assert len(read_metrics(out / "nonprivate" / "metrics.jsonl")) == 200
     uniform = math.log(get_tokenizer("nano", vocab="unicode").vocab_size)
     last = [r["loss"] for r in read_metrics(out / "nonprivate" / "metrics.jsonl")[-5:]]
     assert sum(last) / len(last) < 0.6 * uniform
@@ -76,3 +79,23 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     for i in range(1, total + 1):  # every stage announced on stderr, none on stdout (the JSON stays last)
         assert f"[demo {i}/{total}]" in captured.err and f"[demo {i}/{total}]" not in captured.out
     assert "dp steps" in captured.err  # the training progress bar was on
+
+
+def test_demo_nonprivate_baseline_sees_as_many_samples_as_the_dp_run():
+    from dpcap.config import load_config
+    from dpcap.errors import ConfigError
+    from dpcap.pipeline import demo_nonprivate_train
+
+    base = load_config(str(CONFIG), ["data.shards=_", "run_dir=_"])
+    assert demo_nonprivate_train(base) == [
+        "train.lr=0.001",
+        "train.batch_size=64",
+        "train.micro_batch_size=64",
+        "train.steps=200",  # 50 steps × 256 = 200 × 64
+        "train.warmup_steps=16",
+        "train.checkpoint_every=100",
+    ]
+    same = load_config(str(CONFIG), ["data.shards=_", "run_dir=_", "demo.nonprivate_batch_size=null"])
+    assert demo_nonprivate_train(same) == ["train.lr=0.001"]
+    with pytest.raises(ConfigError, match="nonprivate_batch_size"):
+        demo_nonprivate_train(load_config(str(CONFIG), ["data.shards=_", "run_dir=_", "demo.nonprivate_batch_size=0"]))
