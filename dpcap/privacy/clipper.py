@@ -1,13 +1,15 @@
 """Per-sample clipped gradient sums with ONE backward pass (book-keeping; Bu et al. 2023).
 
-Forward hooks keep each covered layer's input and output. `Clipper.backward(losses)` asks autograd
-for the gradient of Σ_i ℓ_i with respect to those *outputs* only, so parameter gradients are never
-formed by autograd (the engine prunes every edge into a weight). From (x, g) each layer handler gives
-per-sample squared norms; their sum over all layers is ‖∇ℓ_i‖² over all trainable parameters
-(invariant 2: one norm for the whole model). With c_i = min(1, C/‖∇ℓ_i‖), each handler then forms
-Σ_i c_i ∇ℓ_i directly (for a Linear: one matmul, or a contraction of the per-sample gradients it
-kept) and adds it to `.grad`, so successive micro-batches accumulate (Abadi et al. 2016, DP-SGD
-clipping).
+Forward hooks keep each covered layer's input and output. `Clipper.backward(losses)` back-propagates
+Σ_i ℓ_i to those *outputs* only (``torch.autograd.backward(..., inputs=<their gradient edges>)``), so
+parameter gradients are never formed by autograd (the engine prunes every edge into a weight). Each
+output's gradient g reaches a hook on that output as soon as the backward has formed it; there, while
+g is fresh in cache, the layer's handler turns (x, g) into per-sample squared norms and whatever its
+clipped sum will need, and g is dropped as a plain backward drops it (see `_backward_to_outputs`).
+The norms summed over all layers are ‖∇ℓ_i‖² over all trainable parameters (invariant 2: one norm
+for the whole model). With c_i = min(1, C/‖∇ℓ_i‖), each handler then forms Σ_i c_i ∇ℓ_i directly
+(for a Linear: one matmul, or a contraction of the per-sample gradients it kept) and adds it to
+`.grad`, so successive micro-batches accumulate (Abadi et al. 2016, DP-SGD clipping).
 
 The clipper's own maths (the backward to the layer outputs, the norms, the clip factors and the
 clipped sums) runs with autocast disabled, in at least float32 (float64 when the parameters are), on
@@ -26,6 +28,7 @@ so the layers inside it would leave no capture and their parameters no gradient.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import replace
@@ -79,7 +82,11 @@ class Clipper:
         self._captures: dict[int, list[Capture]] = defaultdict(list)
         # Layers that ran with autograd off since the last clear: the trigger of the reentrant check.
         self._ungraded: set[int] = set()
-        self._differentiating = False  # True while our own autograd.grad runs (see `_recording`)
+        self._differentiating = False  # True while our own backward runs (see `_recording`)
+        # Bumped by `clear`: the output-gradient hooks of forwards recorded before it do nothing.
+        self._generation = 0
+        self._leaf_output = False  # a captured output is a leaf tensor (see `_backward_to_outputs`)
+        self._step: _Step | None = None  # the backward in progress
         self._hooks = [
             handler.tap(module).register_forward_hook(self._make_hook(index))
             for index, (_, module, handler) in enumerate(self._layers)
@@ -106,6 +113,23 @@ class Clipper:
                 detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
                 edge = get_gradient_edge(output)
                 self._captures[index].append(Capture(detached, edge, output.shape, output.dtype))
+                slot = len(self._captures[index]) - 1
+                if output.grad_fn is None:
+                    self._leaf_output = True
+                output.register_hook(self._make_grad_hook(index, slot, self._generation))
+
+        return hook
+
+    def _make_grad_hook(self, index: int, slot: int, generation: int):
+        """The hook on a captured output: hands its gradient to the clipper's backward in progress, if any.
+
+        A backward that is not the clipper's (or a graph left over from before `clear`) finds no step of
+        this generation, and the hook does nothing. It never changes the gradient (returns None)."""
+
+        def hook(grad: torch.Tensor) -> None:
+            step = self._step
+            if step is not None and step.by_hooks and generation == self._generation:
+                step.arrive(index, slot, grad)
 
         return hook
 
@@ -137,6 +161,8 @@ class Clipper:
         """Drop kept activations (e.g. after a forward that will not be back-propagated)."""
         self._captures.clear()
         self._ungraded.clear()
+        self._leaf_output = False
+        self._generation += 1
 
     def remove(self) -> None:
         """Remove the hooks; the model is left as it was."""
@@ -173,35 +199,20 @@ class Clipper:
                         f"cannot clip per sample: {self._label(i)}: output of shape {tuple(capture.output_shape)} "
                         f"does not have the batch ({batch} samples) as its first dimension"
                     )
-        outputs = [capture.output_edge for i in active for capture in self._captures[i]]
-        self._differentiating = True  # the checkpoint recomputation inside this backward is not recorded
+        step = _Step(self, active, batch, dtype, losses.device)
+        self._step = step
         try:
-            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            self._backward_to_outputs(losses, step)
+            for i in active:  # layers whose outputs got no gradient (or not all of theirs): zeros
+                if i in step.pending:
+                    step.fill_missing(i)
         finally:
-            self._differentiating = False
-        per_layer, cursor = {}, 0
-        for i in active:
-            count = len(self._captures[i])
-            per_layer[i] = [
-                g.to(dtype) if g is not None else losses.new_zeros(c.output_shape, dtype=dtype)
-                for g, c in zip(grads[cursor : cursor + count], self._captures[i])
-            ]
-            cursor += count
-        del grads, outputs
-        prepared, branches = {}, []
-        sq_norms = torch.zeros(batch, dtype=dtype, device=losses.device)
-        for i in active:
-            name, module, handler = self._layers[i]
-            captures = [_captured_as(c, dtype) for c in self._captures.pop(i)]
-            prepared[i] = handler.prepare(module, captures, per_layer.pop(i))
-            del captures
-            decision = handler.plan(module, prepared[i], self.memory_budget_bytes)
-            if decision is not None:
-                branches.append({"name": name or "<root>", **decision})
-            sq_norms += handler.sq_norms(module, prepared[i])
-        self._branches = branches
-        norms = sq_norms.sqrt()
+            self._step = None
+        self._branches = [step.decisions[i] for i in active if i in step.decisions]
+        norms = step.sq_norms.sqrt()
         clip = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0)
+        prepared = step.prepared
+        del step
         for i in active:
             _, module, handler = self._layers[i]
             # Pop as we go: each layer's activations and output gradients are freed once used.
@@ -209,6 +220,35 @@ class Clipper:
                 _accumulate(getattr(module, name), value)
         self._ensure_grads()
         return norms
+
+    def _backward_to_outputs(self, losses: torch.Tensor, step: _Step) -> None:
+        """One backward of Σ_i ℓ_i to the captured outputs, each layer's norm formed as its gradients arrive.
+
+        `torch.autograd.backward(..., inputs=edges)` runs only the part of the graph that leads to the
+        captured outputs (no edge into a weight, so autograd forms no parameter gradient) and keeps none
+        of the gradients it passes: each arrives at its output's hook (`_make_grad_hook`), where the
+        layer's handler turns it into that layer's per-sample norms and what its clipped sum needs, while
+        it is fresh in cache, and it is dropped, as a plain backward drops it. A leaf tensor as a captured
+        output (an identity-like tapped module fed a leaf) would have its `.grad` accumulated that way, so
+        then the gradients are asked of `torch.autograd.grad` instead and handed over after it returns.
+        """
+        slots = [(i, slot) for i in step.pending for slot in range(len(self._captures[i]))]
+        outputs = [self._captures[i][slot].output_edge for i, slot in slots]
+        if not outputs:
+            return
+        step.by_hooks = not self._leaf_output
+        self._differentiating = True  # the checkpoint recomputation inside this backward is not recorded
+        try:
+            if step.by_hooks:
+                torch.autograd.backward(losses.sum(), inputs=outputs)
+            else:
+                grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        finally:
+            self._differentiating = False
+        if not step.by_hooks:
+            for (i, slot), grad in zip(slots, grads):
+                if grad is not None:
+                    step.arrive(i, slot, grad)
 
     def _refuse_reentrant_checkpointing(self, losses: torch.Tensor) -> None:
         """PrivacyError where reentrant activation checkpointing hides layers from the hooks.
@@ -244,6 +284,62 @@ class Clipper:
         for p in self.trainable_parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+
+
+class _Step:
+    """One `Clipper.backward`: the output gradients of each layer as they arrive, and what is made of them.
+
+    When every capture of a layer has its gradient, the layer's handler prepares it (activations and
+    gradients cast to the clipper's dtype), plans its branch and adds its per-sample squared norms to
+    the total; what the clipped sum needs is kept until the clip factors are known. The book-keeping is
+    locked: autograd runs the hooks of a graph that spans devices on one thread per device.
+    """
+
+    def __init__(self, clipper: Clipper, active: list[int], batch: int, dtype: torch.dtype, device) -> None:
+        self.clipper, self.dtype = clipper, dtype
+        self.by_hooks = True  # False: the gradients are handed over by `_backward_to_outputs`, hooks ignored
+        self.pending: dict[int, list[torch.Tensor | None]] = {i: [None] * len(clipper._captures[i]) for i in active}
+        self.waiting = {i: len(slots) for i, slots in self.pending.items()}
+        self.prepared: dict[int, object] = {}
+        self.decisions: dict[int, dict] = {}
+        self.sq_norms = torch.zeros(batch, dtype=dtype, device=device)
+        self._lock = threading.Lock()
+
+    def arrive(self, index: int, slot: int, grad: torch.Tensor) -> None:
+        with self._lock:
+            slots = self.pending.get(index)
+            if slots is None or slots[slot] is not None:
+                return  # already prepared, or this output's gradient seen once (a second hook on one tensor)
+            slots[slot] = grad
+            self.waiting[index] -= 1
+            if self.waiting[index]:
+                return
+            grads = self.pending.pop(index)
+        self._prepare(index, grads)
+
+    def fill_missing(self, index: int) -> None:
+        """Zeros for the outputs of `index` that no gradient reached (unused by the loss), then prepare it."""
+        captures = self.clipper._captures[index]
+        grads = [
+            self.sq_norms.new_zeros(capture.output_shape, dtype=self.dtype) if grad is None else grad
+            for grad, capture in zip(self.pending.pop(index), captures)
+        ]
+        self._prepare(index, grads)
+
+    def _prepare(self, index: int, grads: list[torch.Tensor]) -> None:
+        clipper = self.clipper
+        name, module, handler = clipper._layers[index]
+        grads = [g.to(self.dtype) for g in grads]
+        captures = [_captured_as(c, self.dtype) for c in clipper._captures.pop(index)]
+        prepared = handler.prepare(module, captures, grads)
+        del captures, grads
+        decision = handler.plan(module, prepared, clipper.memory_budget_bytes)
+        norms = handler.sq_norms(module, prepared)
+        with self._lock:
+            if decision is not None:
+                self.decisions[index] = {"name": name or "<root>", **decision}
+            self.sq_norms += norms
+            self.prepared[index] = prepared
 
 
 def _accumulate(param: nn.Parameter, value: torch.Tensor) -> None:
@@ -299,6 +395,8 @@ def _autocast_disabled(device_type: str) -> Iterator[None]:
 
 
 def _captured_as(capture: Capture, dtype: torch.dtype) -> Capture:
-    """The capture with its floating-point inputs in `dtype` (token ids stay integers)."""
+    """The capture with its floating-point inputs in `dtype` (token ids stay integers); itself if they are."""
+    if all(not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == dtype for t in capture.inputs):
+        return capture
     inputs = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in capture.inputs)
     return replace(capture, inputs=inputs)

@@ -43,9 +43,10 @@ class Capture:
 class LayerHandler:
     """Base class of the per-layer maths. Subclasses set `module_types` and override the methods.
 
-    The clipper calls `prepare` once per layer and step (after the backward), then `plan`, `sq_norms` and,
-    once the clip factors are known, `clipped_sums` on what `prepare` returned — so work shared by
-    the two (unfolding patches, per-sample bias gradients) is done once. All three run with autocast
+    The clipper calls `prepare` once per layer and step (during the backward, as soon as the gradients
+    of all the layer's outputs are known), then `plan` and `sq_norms`, and, once the backward is over
+    and the clip factors are known, `clipped_sums` on what `prepare` returned — so work shared by the
+    two (unfolding patches, per-sample bias gradients) is done once. All three run with autocast
     disabled, and `prepare` receives the floating-point inputs and output gradients already cast to
     the clipper's dtype (float32, or float64 for a float64 model); `clip` has that dtype too.
 

@@ -31,7 +31,7 @@ def per_sample_affine_grads(module: nn.LayerNorm, captures, grads) -> dict[str, 
         parts = {}
         if trainable(module, "weight"):
             x_hat = F.layer_norm(upcast(capture.inputs[0]), shape, eps=module.eps)
-            parts["weight"] = _sum_positions(g * x_hat, positions)
+            parts["weight"] = _sum_positions(x_hat.mul_(g), positions)  # x̂ is ours: g ⊙ x̂ in its place
         if trainable(module, "bias"):
             parts["bias"] = _sum_positions(g, positions)
         for name, value in parts.items():
