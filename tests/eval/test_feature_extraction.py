@@ -222,6 +222,21 @@ torch.save({**result, "calls": calls, "rank": world.rank}, out)
 """
 
 
+def rank_env(rank: int, world_size: int, port: str) -> dict[str, str]:
+    """The environment torchrun gives a rank (one thread each, this checkout on the path)."""
+    return {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -239,17 +254,7 @@ def test_two_ranks_split_the_chunks_and_gather_through_the_cache(shards: Path, t
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO),
-        }
+        env = rank_env(rank, 2, port)
         argv = [sys.executable, "-c", RANK_SCRIPT, str(shards), str(tmp_path / "cache"), str(tmp_path / f"{rank}.pt")]
         procs.append(subprocess.Popen([*argv, json.dumps(MODEL_KWARGS)], env=env, cwd=REPO, stderr=subprocess.PIPE))
     for proc in procs:
@@ -287,17 +292,7 @@ def test_two_rank_probe_fits_once_on_rank_0(tree: Path, tmp_path: Path) -> None:
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO),
-        }
+        env = rank_env(rank, 2, port)
         argv = [sys.executable, "-m", "dpcap", "probe", "random:nano", "--train", str(tree), "--test", str(tree)]
         argv += ["--cache", str(tmp_path / "cache"), "--device", "cpu", "--json"]
         procs.append(subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
