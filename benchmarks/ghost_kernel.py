@@ -16,12 +16,16 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from dpcap.privacy.layers.ghost_kernel import ghost_sq_norms_triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dp_step import write_json_atomic  # noqa: E402  (benchmarks/ is not a package: import its sibling by path)
 
 # (name, B, T, d, p): the base captioner's layer shapes at micro-batch 128.
 BASE_SHAPES = (
@@ -102,11 +106,8 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    print(json.dumps({"rows": len(rows), "out": str(args.out)}))
+    write_json_atomic(args.out, report)
+    print(json.dumps(report, separators=(",", ":")))
 
 
 if __name__ == "__main__":

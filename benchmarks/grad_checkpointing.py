@@ -23,7 +23,6 @@ import argparse
 import gc
 import itertools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,9 @@ import torch
 
 from dpcap.model import create_captioner, get_tokenizer
 from dpcap.privacy import Clipper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dp_step import write_json_atomic  # noqa: E402  (benchmarks/ is not a package: import its sibling by path)
 
 CAPTIONS = ("a red square on a dark background", "a dog", "two people walking along a beach at sunset", "a cat")
 CPU_METHOD = "torch.profiler CPU allocator events (profile_memory=True), peak above the step's start"
@@ -196,10 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         **dict(_override(o) for o in args.overrides),
     )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, result)
     print(json.dumps(result))
     return result
 
