@@ -16,7 +16,7 @@ import torch
 
 from dpcap.errors import ConfigError, PrivacyError
 
-__all__ = ["add_gaussian_noise_", "secret_generator"]
+__all__ = ["NOISE_CHUNK_ELEMENTS", "add_gaussian_noise_", "secret_generator"]
 
 _SEED_LIMIT = 1 << 64
 
@@ -35,27 +35,43 @@ def secret_generator(device: str | torch.device = "cpu", *, insecure_seed: int |
     return generator
 
 
+# On the CPU, noise is drawn into one scratch buffer of this many float32 (1 MiB) and added chunk by chunk:
+# a fresh tensor-sized buffer per parameter costs page faults and a pass through memory that a cache-sized
+# one does not (on the tiny captioner's 23M parameters, one thread: 80 ms instead of 128 ms).
+NOISE_CHUNK_ELEMENTS = 1 << 18
+
+
 def add_gaussian_noise_(tensors: Sequence[torch.Tensor], *, std: float, generator: torch.Generator) -> None:
     """Add independent N(0, std²) noise in place to every element of every tensor.
 
-    The noise is drawn in float32 from ``generator`` (which must live on each tensor's device),
-    scaled by ``std`` (= σ·C, the Gaussian mechanism's standard deviation for sensitivity C), and
-    added in float32 for half-precision tensors (rounded once) or in the tensor's own precision
-    otherwise. ``std == 0`` adds nothing. All tensors are checked before any is modified.
+    The noise is drawn in float32 from ``generator`` (which must live on each tensor's device) as
+    ``normal_(0, std)`` (std = σ·C, the Gaussian mechanism's standard deviation for sensitivity C):
+    tensor by tensor, in order, and on the CPU for contiguous tensors in consecutive chunks of
+    `NOISE_CHUNK_ELEMENTS` elements. It is added in float32 for half-precision tensors (rounded once)
+    or in the tensor's own precision otherwise. ``std == 0`` adds nothing. All tensors are checked
+    before any is modified.
     """
     std = _check_std(std)
     for index, tensor in enumerate(tensors):
         _check_tensor(index, tensor, generator)
     if std == 0.0:
         return
+    scratch = None
     with torch.no_grad():
         for tensor in tensors:
-            _add_noise_(tensor, std, generator)
+            if tensor.device.type != "cpu" or not tensor.is_contiguous():
+                noise = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+                _add_(tensor, noise.normal_(0.0, std, generator=generator))
+                continue
+            if scratch is None:
+                scratch = torch.empty(NOISE_CHUNK_ELEMENTS, dtype=torch.float32)
+            flat = tensor.view(-1)
+            for start in range(0, flat.numel(), NOISE_CHUNK_ELEMENTS):
+                piece = flat[start : start + NOISE_CHUNK_ELEMENTS]
+                _add_(piece, scratch[: piece.numel()].normal_(0.0, std, generator=generator))
 
 
-def _add_noise_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
-    noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32, device=tensor.device)
-    noise.mul_(std)
+def _add_(tensor: torch.Tensor, noise: torch.Tensor) -> None:
     if torch.finfo(tensor.dtype).bits < 32:
         tensor.copy_(tensor.float().add_(noise))
     else:

@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from dpcap.errors import ConfigError, PrivacyError
-from dpcap.privacy.noise import add_gaussian_noise_, secret_generator
+from dpcap.privacy.noise import NOISE_CHUNK_ELEMENTS, add_gaussian_noise_, secret_generator
 
 
 def test_secret_generators_differ():
@@ -16,13 +16,43 @@ def test_secret_generators_differ():
     assert not torch.equal(torch.randn(64, generator=a), torch.randn(64, generator=b))
 
 
-def test_insecure_seed_is_reproducible_and_matches_plain_randn():
+def _draws(generator: torch.Generator, std: float, *sizes: int) -> torch.Tensor:
+    """The documented draw: consecutive ``normal_(0, std)`` chunks from the plain generator."""
+    return torch.cat([torch.empty(n).normal_(0.0, std, generator=generator) for n in sizes])
+
+
+def test_insecure_seed_is_reproducible_and_matches_plain_draws():
     x, y = torch.zeros(3, 5), torch.zeros(3, 5)
     add_gaussian_noise_([x], std=0.7, generator=secret_generator(insecure_seed=123))
     add_gaussian_noise_([y], std=0.7, generator=secret_generator(insecure_seed=123))
     assert torch.equal(x, y)
-    oracle = torch.Generator().manual_seed(123)
-    assert torch.equal(x, torch.randn(3, 5, generator=oracle) * 0.7)
+    assert torch.equal(x, _draws(torch.Generator().manual_seed(123), 0.7, 15).view(3, 5))
+    # For 16 elements or more, the same bits as randn() · std.
+    z = torch.zeros(40)
+    add_gaussian_noise_([z], std=0.7, generator=secret_generator(insecure_seed=4))
+    assert torch.equal(z, torch.randn(40, generator=torch.Generator().manual_seed(4)) * 0.7)
+
+
+def test_tensors_larger_than_a_chunk_get_consecutive_independent_draws():
+    n = 2 * NOISE_CHUNK_ELEMENTS + 100
+    x, small = torch.zeros(n), torch.zeros(7)
+    add_gaussian_noise_([x, small], std=1.3, generator=secret_generator(insecure_seed=11))
+    oracle = torch.Generator().manual_seed(11)
+    expected = _draws(oracle, 1.3, NOISE_CHUNK_ELEMENTS, NOISE_CHUNK_ELEMENTS, 100, 7)
+    assert torch.equal(torch.cat([x, small]), expected)
+    first, second = x[:NOISE_CHUNK_ELEMENTS], x[NOISE_CHUNK_ELEMENTS : 2 * NOISE_CHUNK_ELEMENTS]
+    assert not torch.equal(first, second)  # the scratch buffer is redrawn, never re-added
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1].item()) < 0.02
+    ratio = (n - 1) * x.double().var().item() / 1.3**2
+    assert stats.chi2.ppf(1e-6, n - 1) < ratio < stats.chi2.ppf(1 - 1e-6, n - 1)
+
+
+def test_non_contiguous_tensor_gets_noise_in_its_own_layout():
+    base = torch.zeros(6, 40)
+    view = base.t()  # (40, 6), not contiguous
+    add_gaussian_noise_([view], std=0.5, generator=secret_generator(insecure_seed=2))
+    expected = torch.empty(40, 6).normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(view, expected)
 
 
 def test_each_tensor_gets_fresh_noise():
@@ -48,7 +78,7 @@ def test_dtypes_draw_float32_then_cast(dtype):
     x = base.clone()
     add_gaussian_noise_([x], std=0.25, generator=secret_generator(insecure_seed=5))
     assert x.dtype == dtype
-    draw = torch.randn(257, generator=torch.Generator().manual_seed(5), dtype=torch.float32) * 0.25
+    draw = _draws(torch.Generator().manual_seed(5), 0.25, 257)
     if dtype == torch.float64:
         expected = base + draw.double()
     else:  # added in float32, rounded once
@@ -98,6 +128,6 @@ def test_cuda_noise_matches_cuda_generator():
     x = torch.zeros(1000, device="cuda")
     add_gaussian_noise_([x], std=2.0, generator=secret_generator("cuda", insecure_seed=9))
     oracle = torch.Generator(device="cuda").manual_seed(9)
-    assert torch.equal(x, torch.randn(1000, device="cuda", generator=oracle) * 2.0)
+    assert torch.equal(x, torch.empty(1000, device="cuda").normal_(0.0, 2.0, generator=oracle))
     with pytest.raises(PrivacyError, match="device"):
         add_gaussian_noise_([torch.zeros(2)], std=1.0, generator=secret_generator("cuda"))
