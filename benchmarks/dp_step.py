@@ -13,6 +13,11 @@ lengths. One step of each method is
   then the same noise, ÷ B and AdamW;
 * ``naive`` (optional): one backward per example, clip, sum — the textbook oracle.
 
+With ``--accumulation K`` one step is a logical step of K micro-batches, as ``dpcap train`` takes it
+(DP-Cap: 1,310,720 samples over 128 ranks at micro-batch 128 is K = 80): K forward/backward passes over
+the batch, their (clipped) gradients summed, then the noise, ÷ K·B and AdamW once. K = 1 (default) puts
+a full noise draw and optimizer step on every micro-batch, the worst case for DP's fixed per-step costs.
+
 Timing: ``--warmup`` rounds, then ``--iters`` rounds; each round runs every method once, interleaved
 with a rotating start (ABC, BCA, CAB, …) so that machine noise hits all methods alike; the median
 per method is reported. Memory: one extra step per method after timing, measured as the peak of
@@ -55,6 +60,7 @@ from dpcap.data.tokenizer import EOT_ID, target_mask
 from dpcap.errors import DpcapError
 from dpcap.model import create_captioner, get_config, get_tokenizer
 from dpcap.privacy import Clipper
+from dpcap.privacy.layers.linear import GHOST, INSTANTIATED, branch_costs, choose_branch
 from dpcap.privacy.noise import add_gaussian_noise_, secret_generator
 
 DEFAULT_OUT = "benchmarks/results/dp_step.json"
@@ -282,10 +288,21 @@ class Method:
         self.optimizer = make_optimizer(self.model)
         self.noise_std = args.sigma * args.max_grad_norm
         self.generator = secret_generator(images.device, insecure_seed=args.seed)
+        self.accumulation = args.accumulation
         self.args = args
 
     def step(self) -> None:
+        """One logical step: ``accumulation`` micro-batches, then the update."""
+        for _ in range(self.accumulation):
+            self.micro_batch()
+        self.finish()
+
+    def micro_batch(self) -> None:
+        """Forward and backward of the batch, its gradient (clipped sum for DP) added to `.grad`."""
         raise NotImplementedError
+
+    def finish(self) -> None:
+        self.finish_private()
 
     def losses(self, model: nn.Module | None = None) -> torch.Tensor:
         """(B,) per-sample losses of the batch, the forward under ``--amp``."""
@@ -296,7 +313,7 @@ class Method:
         """+ N(0, σ²C²) on the clipped sum, ÷ B, AdamW; gradients freed for the next step."""
         grads = [p.grad for p in self.params]
         add_gaussian_noise_(grads, std=self.noise_std, generator=self.generator)
-        torch._foreach_div_(grads, float(self.images.shape[0]))
+        torch._foreach_div_(grads, float(self.accumulation * self.images.shape[0]))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -304,8 +321,10 @@ class Method:
 class NonPrivate(Method):
     name = "nonprivate"
 
-    def step(self) -> None:
+    def micro_batch(self) -> None:
         self.losses().sum().backward()
+
+    def finish(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -317,9 +336,8 @@ class Dpcap(Method):
         super().__init__(args, images, tokens)
         self.clipper = Clipper(self.model, args.max_grad_norm)
 
-    def step(self) -> None:
+    def micro_batch(self) -> None:
         self.clipper.backward(self.losses())
-        self.finish_private()
 
 
 class OpacusGhost(Method):
@@ -329,10 +347,24 @@ class OpacusGhost(Method):
         super().__init__(args, images, tokens)
         self.gsm = opacus_wrap(OpacusView(self.model), args.max_grad_norm)
 
-    def step(self) -> None:
+        self.accumulated: list[torch.Tensor] | None = None
+
+    def micro_batch(self) -> None:
         with forward_precision(self.args, self.images.device):
             losses = self.gsm(self.images, self.tokens).float()
-        opacus_two_backward(self.gsm, losses, self.optimizer)
+        opacus_two_backward(self.gsm, losses, self.optimizer)  # zeroes `.grad` between its two backwards
+        if self.accumulation > 1:  # so each micro-batch's clipped sum is set aside, as opacus' optimizer does
+            grads = [p.grad for p in self.params]
+            if self.accumulated is None:
+                self.accumulated = [g.clone() for g in grads]
+            else:
+                torch._foreach_add_(self.accumulated, grads)
+
+    def finish(self) -> None:
+        if self.accumulated is not None:
+            for p, summed in zip(self.params, self.accumulated):
+                p.grad = summed
+            self.accumulated = None
         self.finish_private()
 
 
@@ -343,9 +375,12 @@ class Naive(Method):
         super().__init__(args, images, tokens)
         self.max_grad_norm = args.max_grad_norm
 
-    def step(self) -> None:
+    def micro_batch(self) -> None:
+        previous = [p.grad for p in self.params]
         naive_clipped_sum(self.model, self.params, self.images, self.tokens, self.max_grad_norm)
-        self.finish_private()
+        for p, grad in zip(self.params, previous):
+            if grad is not None:
+                p.grad.add_(grad)
 
 
 def naive_clipped_sum(model, params, images, tokens, max_grad_norm: float) -> torch.Tensor:
@@ -392,16 +427,26 @@ def time_interleaved(
     return times
 
 
-def cpu_step_peak_bytes(step: Callable[[], None]) -> int:
-    """Peak live CPU tensor bytes above the start of `step`, replayed from the profiler's memory events."""
+def cpu_step_memory(step: Callable[[], None], mark: str | None = None) -> tuple[int, int | None]:
+    """(peak, live at the first ``record_function(mark)``) CPU tensor bytes above the start of `step`,
+    replayed from the profiler's memory events; the second is None without a mark, 0 if it never ran."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events = [e for e in events if e.device_type() == torch.autograd.DeviceType.CPU]
-    events.sort(key=lambda e: e.start_ns())
-    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+    events = list(prof.profiler.kineto_results.events())
+    memory = [e for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    memory.sort(key=lambda e: e.start_ns())
+    peak = max(itertools.accumulate((e.nbytes() for e in memory), initial=0))
+    if mark is None:
+        return peak, None
+    marks = [e.start_ns() for e in events if e.name() == mark]
+    return peak, sum(e.nbytes() for e in memory if marks and e.start_ns() <= marks[0])
+
+
+def cpu_step_peak_bytes(step: Callable[[], None]) -> int:
+    """Peak live CPU tensor bytes above the start of `step`, replayed from the profiler's memory events."""
+    return cpu_step_memory(step)[0]
 
 
 def cuda_step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
@@ -514,6 +559,7 @@ def config_summary(args: argparse.Namespace, device: torch.device, model: nn.Mod
         "text": _fields(cfg.text),
         "params": sum(p.numel() for p in trainable(model)),
         "batch_size": args.batch_size,
+        "accumulation": args.accumulation,
         "caption_target_tokens": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())},
         "max_grad_norm": args.max_grad_norm,
         "sigma": args.sigma,
@@ -610,6 +656,33 @@ def print_branch_table(rows: Sequence[dict]) -> None:
               file=sys.stderr)  # fmt: skip
 
 
+def project_branches(rows: Sequence[dict], batch: int) -> list[dict]:
+    """The cost model's per-layer choice at micro-batch ``batch`` for the shapes of a measured table.
+
+    A projection, not a measurement: each layer's T, d, p, element size and memory budget are the
+    measured ones; the instantiated branch is priced exactly (`branch_costs`), the ghost branch's
+    measured cost (zero rows skipped) is scaled by batch / B, linear as the per-sample Gram pairs are.
+    Rows of handlers without the two Linear branches are copied as they are."""
+    projected = []
+    for row in rows:
+        if not {"ghost_flops", "instantiated_bytes", "memory_budget_bytes", "T", "d", "p"} <= row.keys():
+            projected.append(dict(row))
+            continue
+        element = row["instantiated_bytes"] // (row["B"] * row["p"] * row["d"])
+        costs = branch_costs(batch, row["T"], row["d"], row["p"], element)
+        scale = batch / row["B"]
+        costs[GHOST]["flops"] = round(row["ghost_flops"] * scale)
+        branch = choose_branch(costs, row["memory_budget_bytes"])
+        projected.append({
+            **row, "B": batch, "projected_from_B": row["B"], "branch": branch,
+            "rows_kept": round(row["rows_kept"] * scale),
+            "ghost_flops": costs[GHOST]["flops"], "instantiated_flops": costs[INSTANTIATED]["flops"],
+            "ghost_bytes": costs[GHOST]["bytes"], "instantiated_bytes": costs[INSTANTIATED]["bytes"],
+            "extra_bytes": costs[branch]["bytes"],
+        })  # fmt: skip
+    return projected
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -636,6 +709,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", default="nano", help="named captioner size (default nano)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--iters", type=int, default=5, help="timed rounds (median reported)")
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        default=1,
+        metavar="K",
+        help="micro-batches per logical step (noise and AdamW once per K micro-batches; default 1)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument(
         "--override", action="append", type=parse_override, default=[], metavar="KEY=VALUE", help="model override"
@@ -668,11 +748,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scaling-tokens", type=_ints, default=SCALING_TOKENS, help="image tokens, e.g. 65,197")
     parser.add_argument("--scaling-batches", type=_ints, default=SCALING_BATCHES, help="batch sizes, e.g. 16,32")
     parser.add_argument("--scaling-opacus", action="store_true", help="time opacus ghost clipping in every cell")
+    parser.add_argument(
+        "--project-batch",
+        type=int,
+        default=None,
+        metavar="B",
+        help="also print the cost model's branch per layer at micro-batch B (a projection from the measured "
+        "shapes, for sizes whose full micro-batch does not fit here; in the JSON as branches_projected)",
+    )
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     args.overrides = dict(args.override)
-    if min(args.batch_size, args.iters, args.check_batch_size) < 1 or args.warmup < 0:
-        parser.error("--batch-size, --iters and --check-batch-size must be >= 1, --warmup >= 0")
+    if min(args.batch_size, args.iters, args.check_batch_size, args.accumulation) < 1 or args.warmup < 0:
+        parser.error("--batch-size, --iters, --accumulation and --check-batch-size must be >= 1, --warmup >= 0")
     return args
 
 
@@ -748,7 +836,9 @@ def scaling_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
                     "opacus_ghost_memory_ratio": report["opacus_ghost_memory_ratio_vs_nonprivate"],
                     "instantiated_layers": sum(r["branch"] == "instantiated" for r in report["branches"]),
                     "ghost_layers": sum(r["branch"] == "ghost" for r in report["branches"]),
-                    "images_per_s": {name: batch / m["seconds_median"] for name, m in methods.items()},
+                    "images_per_s": {
+                        name: cell.accumulation * batch / m["seconds_median"] for name, m in methods.items()
+                    },
                 }
                 rows.append(row)
                 print_scaling_row(row, header=len(rows) == 1)
@@ -783,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "amp": args.amp,
                 "warmup": args.warmup,
                 "iters": args.iters,
+                "accumulation": args.accumulation,
                 "torch": torch.__version__,
                 "load_average_end": os.getloadavg(),
             },
@@ -791,6 +882,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         report = measure(args, device)
         print_branch_table(report["branches"])
+        if args.project_batch:
+            report["branches_projected"] = project_branches(report["branches"], args.project_batch)
+            print(f"projected to micro-batch {args.project_batch} (cost model, not measured):", file=sys.stderr)
+            print_branch_table(report["branches_projected"])
     write_json_atomic(args.out, report)
     print(json.dumps(report, separators=(",", ":")))
     return report

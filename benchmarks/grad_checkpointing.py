@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import sys
 import time
@@ -34,7 +33,7 @@ from dpcap.model import create_captioner, get_tokenizer
 from dpcap.privacy import Clipper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dp_step import write_json_atomic  # noqa: E402  (benchmarks/ is not a package: import its sibling by path)
+from dp_step import cpu_step_memory, write_json_atomic  # noqa: E402  (benchmarks/ is not a package: import its sibling by path)
 
 CAPTIONS = ("a red square on a dark background", "a dog", "two people walking along a beach at sunset", "a cat")
 CPU_METHOD = "torch.profiler CPU allocator events (profile_memory=True), peak above the step's start"
@@ -42,21 +41,6 @@ CUDA_METHOD = "torch.cuda.max_memory_allocated - memory_allocated at the step's 
 
 
 MARK = "dpcap::after_forward"
-
-
-def _cpu_memory(step: Callable[[], None]) -> tuple[int, int]:
-    """(peak, live at the MARK) tensor bytes above the start, replayed from the profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = list(prof.profiler.kineto_results.events())
-    marks = [e.start_ns() for e in events if e.name() == MARK]
-    memory = [e for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    memory.sort(key=lambda e: e.start_ns())
-    peak = max(itertools.accumulate((e.nbytes() for e in memory), initial=0))
-    at_mark = sum(e.nbytes() for e in memory if marks and e.start_ns() <= marks[0])
-    return peak, at_mark
 
 
 def _cuda_memory(step: Callable[[], None], device: torch.device, marks: list[int]) -> tuple[int, int]:
@@ -152,7 +136,9 @@ def checkpointing_memory(
             captured.clear()
             gc.collect()
             start = time.perf_counter()
-            peak, after_forward = _cuda_memory(step, dev, cuda_marks) if dev.type == "cuda" else _cpu_memory(step)
+            peak, after_forward = (
+                _cuda_memory(step, dev, cuda_marks) if dev.type == "cuda" else cpu_step_memory(step, MARK)
+            )
             seconds = time.perf_counter() - start
             row[label] = {
                 "peak_bytes": peak,
