@@ -60,6 +60,7 @@ from dpcap.data.tokenizer import EOT_ID, target_mask
 from dpcap.errors import DpcapError
 from dpcap.model import create_captioner, get_config, get_tokenizer
 from dpcap.privacy import Clipper
+from dpcap.privacy.layers.base import DEFAULT_STEP_MEMORY_BUDGET_BYTES
 from dpcap.privacy.layers.linear import GHOST, INSTANTIATED, branch_costs, choose_branch
 from dpcap.privacy.noise import add_gaussian_noise_, secret_generator
 
@@ -649,37 +650,44 @@ def build_report(args, methods, times, peaks, extras) -> dict:
 def print_branch_table(rows: Sequence[dict]) -> None:
     """The Clipper's per-layer branch choices of the last step, one line per layer, on stderr."""
     print(f"{'layer':<40} {'B':>4} {'T':>4} {'d':>5} {'p':>6} {'branch':<12} {'ghost MAC':>10} "
-          f"{'inst MAC':>10} {'extra MiB':>9}", file=sys.stderr)  # fmt: skip
+          f"{'inst MAC':>10} {'extra MiB':>9} {'held MiB':>8}", file=sys.stderr)  # fmt: skip
     for r in rows:
         print(f"{r['name']:<40} {r['B']:>4} {r['T']:>4} {r['d']:>5} {r['p']:>6} {r['branch']:<12} "
-              f"{r['ghost_flops']:>10.3g} {r['instantiated_flops']:>10.3g} {r['extra_bytes'] / 2**20:>9.2f}",
+              f"{r['ghost_flops']:>10.3g} {r['instantiated_flops']:>10.3g} {r['extra_bytes'] / 2**20:>9.2f} "
+              f"{r.get('held_bytes', 0) / 2**20:>8.2f}",
               file=sys.stderr)  # fmt: skip
 
 
-def project_branches(rows: Sequence[dict], batch: int) -> list[dict]:
+def project_branches(
+    rows: Sequence[dict], batch: int, step_budget_bytes: float = DEFAULT_STEP_MEMORY_BUDGET_BYTES
+) -> list[dict]:
     """The cost model's per-layer choice at micro-batch ``batch`` for the shapes of a measured table.
 
     A projection, not a measurement: each layer's T, d, p, element size and memory budget are the
     measured ones; the instantiated branch is priced exactly (`branch_costs`), the ghost branch's
     measured cost (zero rows skipped) is scaled by batch / B, linear as the per-sample Gram pairs are.
-    Rows of handlers without the two Linear branches are copied as they are."""
-    projected = []
-    for row in rows:
+    The micro-batch's held-bytes budget is handed out last layer first, the order in which a backward
+    reaches them. Rows of handlers without the two Linear branches are copied as they are."""
+    projected: list[dict] = [{}] * len(rows)
+    held_left = step_budget_bytes
+    for index in reversed(range(len(rows))):
+        row = rows[index]
         if not {"ghost_flops", "instantiated_bytes", "memory_budget_bytes", "T", "d", "p"} <= row.keys():
-            projected.append(dict(row))
+            projected[index] = dict(row)
             continue
         element = row["instantiated_bytes"] // (row["B"] * row["p"] * row["d"])
         costs = branch_costs(batch, row["T"], row["d"], row["p"], element)
         scale = batch / row["B"]
         costs[GHOST]["flops"] = round(row["ghost_flops"] * scale)
-        branch = choose_branch(costs, row["memory_budget_bytes"])
-        projected.append({
+        branch = choose_branch(costs, row["memory_budget_bytes"], held_budget_bytes=held_left)
+        projected[index] = {
             **row, "B": batch, "projected_from_B": row["B"], "branch": branch,
             "rows_kept": round(row["rows_kept"] * scale),
             "ghost_flops": costs[GHOST]["flops"], "instantiated_flops": costs[INSTANTIATED]["flops"],
             "ghost_bytes": costs[GHOST]["bytes"], "instantiated_bytes": costs[INSTANTIATED]["bytes"],
-            "extra_bytes": costs[branch]["bytes"],
-        })  # fmt: skip
+            "extra_bytes": costs[branch]["bytes"], "held_bytes": costs[branch]["held"], "held_budget_bytes": held_left,
+        }  # fmt: skip
+        held_left -= costs[branch]["held"]
     return projected
 
 

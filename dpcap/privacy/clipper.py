@@ -40,7 +40,7 @@ from torch.autograd.graph import get_gradient_edge
 from dpcap.errors import PrivacyError
 
 from .layers import Capture, LayerRegistry, default_registry
-from .layers.base import DEFAULT_MEMORY_BUDGET_BYTES
+from .layers.base import DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_STEP_MEMORY_BUDGET_BYTES
 from .validate import plan_layers
 
 try:  # timm's global switch between reentrant and non-reentrant checkpointing (TIMM_REENTRANT_CKPT)
@@ -65,18 +65,26 @@ class Clipper:
         *,
         registry: LayerRegistry | None = None,
         memory_budget_bytes: float = DEFAULT_MEMORY_BUDGET_BYTES,
+        step_memory_budget_bytes: float = DEFAULT_STEP_MEMORY_BUDGET_BYTES,
     ) -> None:
-        """`memory_budget_bytes`: extra bytes one layer may use for a faster exact branch (a Linear's
-        per-sample gradients instead of its ghost norm; see `layers/linear.py`). Per layer, not in total:
-        instantiated per-sample gradients are kept from the norm to the clipped-sum phase, so several
-        layers' can be alive at once. 0 takes every layer's smallest-memory branch."""
+        """`memory_budget_bytes`: extra scratch bytes one layer may use for a faster exact branch (a Linear's
+        per-sample gradients instead of its ghost norm; see `layers/linear.py`).
+        `step_memory_budget_bytes`: what the layers of one micro-batch may hold together beyond the
+        activations and output gradients they replace, from their norms to their clipped sums (the
+        instantiated per-sample gradients), handed out in the order the layers' gradients arrive. 0 for
+        either takes every layer's smallest-memory branch."""
         if not max_grad_norm > 0:
             raise PrivacyError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-        if not memory_budget_bytes >= 0:
-            raise PrivacyError(f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}")
+        for name, value in (
+            ("memory_budget_bytes", memory_budget_bytes),
+            ("step_memory_budget_bytes", step_memory_budget_bytes),
+        ):
+            if not value >= 0:
+                raise PrivacyError(f"{name} must be >= 0, got {value}")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         self.memory_budget_bytes = memory_budget_bytes
+        self.step_memory_budget_bytes = step_memory_budget_bytes
         self._branches: list[dict] = []
         self._layers = plan_layers(model, registry or default_registry())
         self._captures: dict[int, list[Capture]] = defaultdict(list)
@@ -303,6 +311,7 @@ class _Step:
         self.prepared: dict[int, object] = {}
         self.decisions: dict[int, dict] = {}
         self.sq_norms = torch.zeros(batch, dtype=dtype, device=device)
+        self.held_left = clipper.step_memory_budget_bytes  # of the micro-batch's budget (see `_prepare`)
         self._lock = threading.Lock()
 
     def arrive(self, index: int, slot: int, grad: torch.Tensor) -> None:
@@ -333,7 +342,10 @@ class _Step:
         captures = [_captured_as(c, self.dtype) for c in clipper._captures.pop(index)]
         prepared = handler.prepare(module, captures, grads)
         del captures, grads
-        decision = handler.plan(module, prepared, clipper.memory_budget_bytes)
+        with self._lock:  # a plan takes its held bytes from what is left: one layer at a time
+            decision = handler.plan(module, prepared, clipper.memory_budget_bytes, held_budget_bytes=self.held_left)
+            if decision is not None:
+                self.held_left -= decision.get("held_bytes", 0)
         norms = handler.sq_norms(module, prepared)
         with self._lock:
             if decision is not None:

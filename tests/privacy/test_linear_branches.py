@@ -11,6 +11,7 @@ from dpcap.errors import PrivacyError
 from dpcap.model import create_captioner, get_tokenizer
 from dpcap.privacy import Clipper
 from dpcap.privacy.layers import default_registry
+from dpcap.privacy.layers.base import DEFAULT_MEMORY_BUDGET_BYTES as DEFAULT_BUDGET
 from dpcap.privacy.layers.linear import (
     GHOST,
     INSTANTIATED,
@@ -123,8 +124,11 @@ def test_budget_zero_takes_the_smaller_memory_branch():
 
 def test_cost_model_formulas():
     costs = branch_costs(batch=3, positions=5, d=7, p=11, element_size=4)
-    assert costs[GHOST] == {"flops": 2 * 3 * 25 * 18 + 3 * 5 * 11 * 7, "bytes": 2 * 3 * 25 * 4}
-    assert costs[INSTANTIATED] == {"flops": 3 * 5 * 11 * 7 + 2 * 3 * 11 * 7, "bytes": 3 * 11 * 7 * 4}
+    assert costs[GHOST] == {"flops": 2 * 3 * 25 * 18 + 3 * 5 * 11 * 7, "bytes": 2 * 3 * 25 * 4, "held": 0}
+    # G (3·11·7 floats) holds less than the x and g it replaces (3·5·18): nothing held beyond them.
+    assert costs[INSTANTIATED] == {"flops": 3 * 5 * 11 * 7 + 2 * 3 * 11 * 7, "bytes": 3 * 11 * 7 * 4, "held": 0}
+    short = branch_costs(batch=3, positions=2, d=7, p=11, element_size=4)
+    assert short[INSTANTIATED]["held"] == 3 * (11 * 7 - 2 * 18) * 4
 
 
 @pytest.mark.parametrize(
@@ -200,3 +204,60 @@ def test_branch_table_lists_every_linear_of_the_nano_captioner():
         module = model.get_submodule(row["name"])
         assert (row["d"], row["p"]) == (module.in_features, module.out_features)
     clipper.remove()
+
+
+def test_step_budget_caps_what_instantiated_layers_hold_together():
+    """Both layers would instantiate (cheaper, and within the per-layer budget), and both hold more than the
+    x and g they drop (p·d > T·(d + p)); a micro-batch budget for one of them goes to the layer whose
+    gradient arrives first in the backward (the last layer), the other takes the ghost branch, and the
+    norms and clipped sums still match the naive loop."""
+    torch.manual_seed(2)
+    dtype, batch, positions, d, hidden, p = torch.float64, 4, 3, 6, 40, 8
+    size = 8
+    held = [
+        batch * (hidden * d - positions * (d + hidden)) * size,
+        batch * (p * hidden - positions * (hidden + p)) * size,
+    ]
+    model = Head(d, p, True, dtype, hidden=hidden)
+    inputs = list(make_inputs(batch, positions, d, p, dtype, seed=4))
+
+    def table_with(step_budget):
+        _, probe = naive_clipped_sum(model, model.loss, inputs, float("inf"))
+        bound = float(probe.median())
+        expected, expected_norms = naive_clipped_sum(model, model.loss, inputs, bound)
+        clipper = Clipper(model, bound, step_memory_budget_bytes=step_budget)
+        model.zero_grad(set_to_none=True)
+        norms = clipper.backward(model.loss(*inputs))
+        torch.testing.assert_close(norms, expected_norms, **TOLERANCE[dtype])
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, expected[name], **TOLERANCE[dtype], msg=name)
+        table = {r["name"]: r for r in clipper.branch_table()}
+        clipper.remove()
+        return table
+
+    free = table_with(float("inf"))
+    assert [free[n]["branch"] for n in ("layers.0", "layers.1")] == [INSTANTIATED, INSTANTIATED]
+    assert [free[n]["held_bytes"] for n in ("layers.0", "layers.1")] == held and min(held) > 0
+    capped = table_with(held[1] + held[0] // 2)
+    assert (capped["layers.1"]["branch"], capped["layers.0"]["branch"]) == (INSTANTIATED, GHOST)
+    assert capped["layers.1"]["held_budget_bytes"] == held[1] + held[0] // 2
+    assert capped["layers.0"]["held_budget_bytes"] == held[0] // 2 and capped["layers.0"]["held_bytes"] == 0
+    none = table_with(0)
+    assert [none[n]["branch"] for n in ("layers.0", "layers.1")] == [GHOST, GHOST]
+
+
+def test_instantiated_layers_that_hold_less_than_x_and_g_take_no_step_budget():
+    """At T = 197 a 192 × 192 layer's G (B·p·d) is smaller than the x and g it replaces: held 0, so even a
+    zero micro-batch budget leaves it the faster instantiated branch."""
+    costs = branch_costs(16, 197, 192, 192, 4)
+    assert costs[INSTANTIATED]["held"] == 0 and costs[GHOST]["held"] == 0
+    assert choose_branch(costs, DEFAULT_BUDGET, held_budget_bytes=0) == INSTANTIATED
+    wide = branch_costs(16, 197, 768, 3072, 4)  # ViT-B's MLP: G holds 16·(768·3072 − 197·3840) floats more
+    assert wide[INSTANTIATED]["held"] == 16 * (768 * 3072 - 197 * 3840) * 4
+    assert choose_branch(wide, DEFAULT_BUDGET, held_budget_bytes=wide[INSTANTIATED]["held"]) == INSTANTIATED
+    assert choose_branch(wide, DEFAULT_BUDGET, held_budget_bytes=wide[INSTANTIATED]["held"] - 1) == GHOST
+
+
+def test_negative_step_budget_refused():
+    with pytest.raises(PrivacyError, match="step_memory_budget_bytes"):
+        Clipper(nn.Linear(2, 2), 1.0, step_memory_budget_bytes=-1)

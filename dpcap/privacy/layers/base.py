@@ -15,6 +15,7 @@ parameter is a function of (x[i], g[i]) alone, which is what makes one backward 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,9 @@ from torch import nn
 
 # Extra scratch bytes a handler may spend on one layer to take a faster exact branch (see linear.py).
 DEFAULT_MEMORY_BUDGET_BYTES = 256 << 20  # 256 MiB
+# Bytes the layers of one micro-batch may hold together, from their norms to their clipped sums, beyond the
+# activations and output gradients they replace (a Linear's instantiated per-sample gradients, see linear.py).
+DEFAULT_STEP_MEMORY_BUDGET_BYTES = 1 << 30  # 1 GiB
 
 
 @dataclass
@@ -92,10 +96,14 @@ class LayerHandler:
         """What `sq_norms` and `clipped_sums` need, computed once from the forward captures and output grads."""
         raise NotImplementedError
 
-    def plan(self, module: nn.Module, prepared: Any, memory_budget_bytes: float) -> dict | None:
+    def plan(
+        self, module: nn.Module, prepared: Any, memory_budget_bytes: float, held_budget_bytes: float = math.inf
+    ) -> dict | None:
         """Choose among the handler's exact branches for this step (called after `prepare`, before
-        `sq_norms`), spending at most `memory_budget_bytes` extra; return the decision for the Clipper's
-        branch table, or None where there is nothing to choose."""
+        `sq_norms`), spending at most `memory_budget_bytes` extra on this layer and holding at most
+        `held_budget_bytes` (what is left of the micro-batch's budget) until the clipped sums; return the
+        decision for the Clipper's branch table (with ``held_bytes``, what it holds), or None where there
+        is nothing to choose."""
         return None
 
     def sq_norms(self, module: nn.Module, prepared: Any) -> torch.Tensor:

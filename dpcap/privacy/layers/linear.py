@@ -19,11 +19,15 @@ Cost model, in multiply-adds, for a micro-batch of B samples with T positions ea
 so ghost is cheaper in time iff T²·(d + p) < p·d, i.e. only for short sequences (T = 1, a 2-D input, is
 ghost unless d or p is 1: the "Gram matrices" are then the scalars ‖x‖², ‖g‖²). Extra memory: ghost
 2·B·T² floats, instantiated B·p·d floats. `choose_branch` takes the cheaper in time among the branches
-whose extra memory fits the per-layer budget (`memory_budget_bytes`, a Clipper argument, default
-`DEFAULT_MEMORY_BUDGET_BYTES` = 256 MiB), or the smaller-memory branch when neither fits (so a budget of
-0 forces it). The budget is per layer: instantiated layers' G are alive together until the clipped sums,
-so the step's extra peak is up to the sum of their `extra_bytes` (see `Clipper.branch_table`), less the
-x and g they release. Both branches are exact; only speed and memory differ. The model counts
+whose memory fits two budgets, or the smaller-memory branch when none does (so budgets of 0 force it):
+* the layer's scratch, its `extra_bytes` (`memory_budget_bytes`, a Clipper argument, default
+  `DEFAULT_MEMORY_BUDGET_BYTES` = 256 MiB);
+* what it holds until the clipped sums beyond the x and g it replaces, its `held_bytes`: the instantiated
+  G of every layer is alive together with the others' until the clip factors are known, and holds more
+  than x and g where p·d > T·(d + p) (ViT-B's 768 × 3072 MLP at T = 197, say). The Clipper gives each
+  micro-batch `step_memory_budget_bytes` (default `DEFAULT_STEP_MEMORY_BUDGET_BYTES` = 1 GiB), and each
+  layer, as its gradient arrives in the backward, what is left of it.
+Both branches are exact; only speed and memory differ. The model counts
 multiply-adds only: the instantiated branch's B·p·d passes are memory-bound and its B small matmuls
 have inner size T, so on CPU it measured no faster than ghost on the nano captioner despite ~2x fewer
 multiply-adds.
@@ -42,6 +46,7 @@ without terms that are exactly zero; on CPU only (the row counts are read on the
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,22 +70,35 @@ def stack_tokens(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def branch_costs(batch: int, positions: int, d: int, p: int, element_size: int) -> dict[str, dict[str, int]]:
-    """Estimated multiply-adds and extra bytes of each branch for one (B, T, d) → (B, T, p) layer."""
+    """Estimated multiply-adds, extra bytes and held bytes of each branch for one (B, T, d) → (B, T, p) layer.
+
+    ``held``: what the branch keeps until the clipped sums beyond the x and g it would keep anyway. The
+    ghost branch keeps x and g (its Gram matrices are scratch); the instantiated branch keeps G (B·p·d)
+    and drops x and g (B·T·(d + p)), so it holds more only where p·d > T·(d + p)."""
     sum_flops = batch * positions * p * d
     return {
         GHOST: {"flops": 2 * batch * positions * positions * (d + p) + sum_flops,
-                "bytes": 2 * batch * positions * positions * element_size},
-        INSTANTIATED: {"flops": sum_flops + 2 * batch * p * d, "bytes": batch * p * d * element_size},
+                "bytes": 2 * batch * positions * positions * element_size, "held": 0},
+        INSTANTIATED: {"flops": sum_flops + 2 * batch * p * d, "bytes": batch * p * d * element_size,
+                       "held": max(0, batch * (p * d - positions * (d + p))) * element_size},
     }  # fmt: skip
 
 
-def choose_branch(costs: dict[str, dict[str, int]], memory_budget_bytes: float, force: str | None = None) -> str:
-    """The cheaper branch in flops among those whose extra bytes fit the budget; else the smaller in memory."""
+def choose_branch(
+    costs: dict[str, dict[str, int]],
+    memory_budget_bytes: float,
+    force: str | None = None,
+    held_budget_bytes: float = math.inf,
+) -> str:
+    """The cheaper branch in flops among those whose extra bytes fit the layer's budget and whose held
+    bytes fit what is left of the micro-batch's; else the smaller in memory."""
     if force is not None:
         if force not in BRANCHES:
             raise ValueError(f"unknown branch {force!r}; expected one of {BRANCHES}")
         return force
-    fits = [b for b in BRANCHES if costs[b]["bytes"] <= memory_budget_bytes]
+    fits = [
+        b for b in BRANCHES if costs[b]["bytes"] <= memory_budget_bytes and costs[b].get("held", 0) <= held_budget_bytes
+    ]
     if fits:
         return min(fits, key=lambda b: (costs[b]["flops"], costs[b]["bytes"]))
     return min(BRANCHES, key=lambda b: (costs[b]["bytes"], costs[b]["flops"]))
@@ -306,7 +324,13 @@ class MatrixLayer:
     def of(cls, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> MatrixLayer:
         return cls(x, g, None, batch=x.shape[0], has_bias=trainable(module, "bias"))
 
-    def plan(self, module: nn.Module, memory_budget_bytes: float, force: str | None = None) -> dict | None:
+    def plan(
+        self,
+        module: nn.Module,
+        memory_budget_bytes: float,
+        force: str | None = None,
+        held_budget_bytes: float = math.inf,
+    ) -> dict | None:
         """Choose the weight's branch; the decision record for the Clipper's branch table (None: no weight).
 
         Where g has enough zero rows (`nonzero_rows`), the ghost branch's cost is that of the kept rows."""
@@ -318,7 +342,7 @@ class MatrixLayer:
         self.rows = nonzero_rows(self.g)
         if self.rows is not None:
             costs[GHOST]["flops"] = gram_method(self.rows, positions, d + p)[1] + self.rows.index.numel() * p * d
-        self.branch = choose_branch(costs, memory_budget_bytes, force)
+        self.branch = choose_branch(costs, memory_budget_bytes, force, held_budget_bytes)
         return {
             "B": batch,
             "T": positions,
@@ -331,7 +355,9 @@ class MatrixLayer:
             "ghost_bytes": costs[GHOST]["bytes"],
             "instantiated_bytes": costs[INSTANTIATED]["bytes"],
             "extra_bytes": costs[self.branch]["bytes"],
+            "held_bytes": costs[self.branch]["held"],
             "memory_budget_bytes": memory_budget_bytes,
+            "held_budget_bytes": held_budget_bytes,
         }
 
     def sq_norms(self, module: nn.Module) -> torch.Tensor:
@@ -409,8 +435,8 @@ class LinearHandler(LayerHandler):
     def prepare(self, module, captures, grads) -> MatrixLayer:
         return MatrixLayer.of(module, stack_tokens([c.inputs[0] for c in captures]), stack_tokens(grads))
 
-    def plan(self, module, prepared: MatrixLayer, memory_budget_bytes) -> dict | None:
-        return prepared.plan(module, memory_budget_bytes, self.force_branch)
+    def plan(self, module, prepared: MatrixLayer, memory_budget_bytes, held_budget_bytes=math.inf) -> dict | None:
+        return prepared.plan(module, memory_budget_bytes, self.force_branch, held_budget_bytes)
 
     def sq_norms(self, module, prepared: MatrixLayer) -> torch.Tensor:
         return prepared.sq_norms(module)
