@@ -686,7 +686,6 @@ def demo_nonprivate_train(base: RunConfig) -> list[str]:
         scale = train.batch_size / batch
         overrides += [
             f"train.batch_size={batch}",
-            f"train.micro_batch_size={min(batch, train.micro_batch_size)}",
             f"train.steps={max(1, round(train.steps * scale))}",
             f"train.warmup_steps={round(train.warmup_steps * scale)}",
             f"train.checkpoint_every={max(1, round(train.checkpoint_every * scale))}",

@@ -90,11 +90,14 @@ def test_demo_nonprivate_baseline_sees_as_many_samples_as_the_dp_run():
     assert demo_nonprivate_train(base) == [
         "train.lr=0.001",
         "train.batch_size=64",
-        "train.micro_batch_size=64",
         "train.steps=200",  # 50 steps × 256 = 200 × 64
         "train.warmup_steps=16",
         "train.checkpoint_every=100",
     ]
+    # The DP run's micro-batch is kept: a Poisson batch of mean 64 is one micro-batch (5 std below it),
+    # not 64 plus a second of a few samples that costs nearly as much.
+    nonprivate = load_config(str(CONFIG), ["data.shards=_", "run_dir=_", *demo_nonprivate_train(base)])
+    assert nonprivate.train.micro_batch_size == base.train.micro_batch_size >= 64 + 5 * 64**0.5
     same = load_config(str(CONFIG), ["data.shards=_", "run_dir=_", "demo.nonprivate_batch_size=null"])
     assert demo_nonprivate_train(same) == ["train.lr=0.001"]
     with pytest.raises(ConfigError, match="nonprivate_batch_size"):
