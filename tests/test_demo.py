@@ -20,7 +20,7 @@ from dpcap.train.metrics import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
 
-# Sizes only; none are needed: the whole demo takes about 4 minutes on 2 cores, so the test runs it as is.
+# Sizes only; none are needed: the whole demo takes 3–4 minutes on 2 cores, so the test runs it as is.
 SIZE_OVERRIDES: list[str] = []
 
 STAGES = ("data", "train_dp", "train_nonprivate", "export", "probe_dp", "probe_nonprivate", "probe_random_init")
