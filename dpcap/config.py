@@ -78,6 +78,11 @@ class TrainConfig:
     # Activation checkpointing of every encoder and decoder block (non-reentrant): less activation memory
     # for one more forward through the blocks in the backward; the same gradients, private or not.
     grad_checkpointing: bool = False
+    # The per-sample clipper's memory for faster exact branches (see dpcap/privacy/layers/linear.py): scratch
+    # one layer may use, and what the layers of one micro-batch may hold together until the clipped sums.
+    # The defaults are the Clipper's; larger values trade memory for speed, 0 takes the smallest branches.
+    clip_layer_memory_mib: float = 256.0
+    clip_step_memory_mib: float = 1024.0
     device: str = "auto"  # "auto" = cuda if available, else cpu
     checkpoint_every: int = 50  # logical steps; the last step is always checkpointed
     keep_checkpoints: int = 2
@@ -251,6 +256,10 @@ def validate(config: RunConfig) -> None:
     for key, value in {"train.lr": t.lr, "privacy.max_grad_norm": p.max_grad_norm}.items():
         if not 0 < value < math.inf:
             raise ConfigError(f"{key} must be finite and > 0, got {value}")
+    for key, value in {"train.clip_layer_memory_mib": t.clip_layer_memory_mib,
+                       "train.clip_step_memory_mib": t.clip_step_memory_mib}.items():  # fmt: skip
+        if not 0 <= value <= math.inf:
+            raise ConfigError(f"{key} must be ≥ 0, got {value}")
     if not 0 <= t.weight_decay < math.inf:
         raise ConfigError(f"train.weight_decay must be finite and ≥ 0, got {t.weight_decay}")
     if not 0 <= t.min_lr_ratio <= 1:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpcap.config import RunConfig, save_config, to_dict
+from dpcap.config import RunConfig, TrainConfig, save_config, to_dict
 from dpcap.data.index import ShardIndex
 from dpcap.data.reader import (
     MicroBatchLoader,
@@ -73,6 +73,16 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Ada
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.train.lr, betas=config.train.betas)
+
+
+def clipper_for(model: torch.nn.Module, max_grad_norm: float, train: TrainConfig) -> Clipper:
+    """The per-sample clipper with the run's memory budgets (``train.clip_layer_memory_mib``, ``…_step_…``)."""
+    return Clipper(
+        model,
+        max_grad_norm,
+        memory_budget_bytes=train.clip_layer_memory_mib * 2**20,
+        step_memory_budget_bytes=train.clip_step_memory_mib * 2**20,
+    )
 
 
 def build_model(config: RunConfig):
@@ -248,7 +258,7 @@ def _start(config: RunConfig, world: World, allow_privacy_change: bool, lock: Ru
         run.reducer, run.optimizer = deepspeed_backend(
             model, optimizer, world, zero_stage=config.train.zero_stage, micro_batch_size=config.train.micro_batch_size
         )
-    run.clipper = Clipper(model, plan.max_grad_norm) if plan.sigma > 0 else None
+    run.clipper = clipper_for(model, plan.max_grad_norm, config.train) if plan.sigma > 0 else None
     run.sampler = PoissonSampler(plan.num_samples, plan.sample_rate, state.sampler_seed)
     # Reader workers live for the whole run (a new pool every step would cost more than the reading).
     run.step_loader = StepLoader(reader, config.data.num_workers) if config.data.num_workers > 0 else None

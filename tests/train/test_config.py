@@ -21,6 +21,8 @@ BASE = ["data.shards=x", "privacy.sigma=1"]
         ("train.precision=fp8", "train.precision"),
         ("privacy.delta=2", "privacy.delta"),
         ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.clip_step_memory_mib=-1", "train.clip_step_memory_mib"),
+        ("train.clip_layer_memory_mib=.nan", "train.clip_layer_memory_mib"),
         ("model=3", "model"),
         ("noequals", "key=value"),
     ],
@@ -52,3 +54,19 @@ def test_learning_rate_schedule():
     rates = [lr_at(step, config) for step in range(10)]
     assert rates[:2] == [0.5, 1.0] and rates[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] > 0.1
+
+
+def test_clipper_memory_budgets_come_from_the_run_config():
+    """The defaults are the Clipper's own; the keys reach the Clipper the training loop builds, in bytes."""
+    from torch import nn
+
+    from dpcap.privacy.layers.base import DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_STEP_MEMORY_BUDGET_BYTES
+    from dpcap.train.loop import clipper_for
+
+    default = load_config(None, BASE).train
+    clipper = clipper_for(nn.Linear(3, 2), 1.0, default)
+    assert clipper.memory_budget_bytes == DEFAULT_MEMORY_BUDGET_BYTES
+    assert clipper.step_memory_budget_bytes == DEFAULT_STEP_MEMORY_BUDGET_BYTES
+    tuned = load_config(None, [*BASE, "train.clip_layer_memory_mib=0.5", "train.clip_step_memory_mib=0"]).train
+    clipper = clipper_for(nn.Linear(3, 2), 1.0, tuned)
+    assert (clipper.memory_budget_bytes, clipper.step_memory_budget_bytes) == (512 * 1024, 0)
