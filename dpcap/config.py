@@ -127,6 +127,9 @@ class DemoConfig:
     # many samples as the DP run (steps × batch, warm-up alike): the same compute, at the small batches
     # that suit non-private training, where DP needs large ones (DP-Cap's main lesson).
     nonprivate_batch_size: int | None = None
+    # How many times the DP run's samples the baseline sees (its steps and warm-up scale with it). At 1 the
+    # two runs have the same compute; above 1 the baseline is a stronger reference than the DP run's budget.
+    nonprivate_sample_multiple: float = 1.0
 
 
 @dataclass

@@ -676,14 +676,17 @@ def run_demo(config_path: str, out_dir: str, *, overrides: list[str] = (), label
 def demo_nonprivate_train(base: RunConfig) -> list[str]:
     """The ``train.*`` overrides of the demo's non-private baseline: its own lr and batch
     (``demo.nonprivate_lr``, ``demo.nonprivate_batch_size``), the steps and warm-up scaled so that it
-    sees as many samples as the DP run."""
+    sees ``demo.nonprivate_sample_multiple`` times as many samples as the DP run."""
     demo, train = base.demo, base.train
     overrides = [] if demo.nonprivate_lr is None else [f"train.lr={demo.nonprivate_lr}"]
-    batch = demo.nonprivate_batch_size
-    if batch is not None and batch != train.batch_size:
-        if batch < 1:
-            raise ConfigError(f"demo.nonprivate_batch_size must be >= 1, got {batch}")
-        scale = train.batch_size / batch
+    batch = train.batch_size if demo.nonprivate_batch_size is None else demo.nonprivate_batch_size
+    if batch < 1:
+        raise ConfigError(f"demo.nonprivate_batch_size must be >= 1, got {batch}")
+    multiple = demo.nonprivate_sample_multiple
+    if not multiple > 0:
+        raise ConfigError(f"demo.nonprivate_sample_multiple must be > 0, got {multiple}")
+    if batch != train.batch_size or multiple != 1:
+        scale = train.batch_size / batch * multiple
         overrides += [
             f"train.batch_size={batch}",
             f"train.steps={max(1, round(train.steps * scale))}",

@@ -102,3 +102,14 @@ def test_demo_nonprivate_baseline_sees_as_many_samples_as_the_dp_run():
     assert demo_nonprivate_train(same) == ["train.lr=0.001"]
     with pytest.raises(ConfigError, match="nonprivate_batch_size"):
         demo_nonprivate_train(load_config(str(CONFIG), ["data.shards=_", "run_dir=_", "demo.nonprivate_batch_size=0"]))
+
+    # A stronger baseline: twice the DP run's samples, at its own batch or at the DP run's.
+    def overrides(*extra):
+        return demo_nonprivate_train(load_config(str(CONFIG), ["data.shards=_", "run_dir=_", *extra]))
+
+    twice = "demo.nonprivate_sample_multiple=2"
+    assert overrides(twice)[1:4] == ["train.batch_size=64", "train.steps=400", "train.warmup_steps=32"]
+    at_dp_batch = overrides("demo.nonprivate_batch_size=null", twice)
+    assert at_dp_batch[1:4] == ["train.batch_size=256", "train.steps=100", "train.warmup_steps=8"]
+    with pytest.raises(ConfigError, match="nonprivate_sample_multiple"):
+        overrides("demo.nonprivate_sample_multiple=0")
