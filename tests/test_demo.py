@@ -86,7 +86,13 @@ def test_demo_nonprivate_baseline_sees_as_many_samples_as_the_dp_run():
     from dpcap.errors import ConfigError
     from dpcap.pipeline import demo_nonprivate_train
 
-    base = load_config(str(CONFIG), ["data.shards=_", "run_dir=_"])
+    def demo_config(*extra):
+        return load_config(str(CONFIG), ["data.shards=_", "run_dir=_", *extra])
+
+    def overrides(*extra):
+        return demo_nonprivate_train(demo_config(*extra))
+
+    base = demo_config()
     assert demo_nonprivate_train(base) == [
         "train.lr=0.001",
         "train.batch_size=64",
@@ -96,17 +102,13 @@ def test_demo_nonprivate_baseline_sees_as_many_samples_as_the_dp_run():
     ]
     # The DP run's micro-batch is kept: a Poisson batch of mean 64 is one micro-batch (5 std below it),
     # not 64 plus a second of a few samples that costs nearly as much.
-    nonprivate = load_config(str(CONFIG), ["data.shards=_", "run_dir=_", *demo_nonprivate_train(base)])
+    nonprivate = demo_config(*demo_nonprivate_train(base))
     assert nonprivate.train.micro_batch_size == base.train.micro_batch_size >= 64 + 5 * 64**0.5
-    same = load_config(str(CONFIG), ["data.shards=_", "run_dir=_", "demo.nonprivate_batch_size=null"])
-    assert demo_nonprivate_train(same) == ["train.lr=0.001"]
+    assert overrides("demo.nonprivate_batch_size=null") == ["train.lr=0.001"]
     with pytest.raises(ConfigError, match="nonprivate_batch_size"):
-        demo_nonprivate_train(load_config(str(CONFIG), ["data.shards=_", "run_dir=_", "demo.nonprivate_batch_size=0"]))
+        overrides("demo.nonprivate_batch_size=0")
 
     # A stronger baseline: twice the DP run's samples, at its own batch or at the DP run's.
-    def overrides(*extra):
-        return demo_nonprivate_train(load_config(str(CONFIG), ["data.shards=_", "run_dir=_", *extra]))
-
     twice = "demo.nonprivate_sample_multiple=2"
     assert overrides(twice)[1:4] == ["train.batch_size=64", "train.steps=400", "train.warmup_steps=32"]
     at_dp_batch = overrides("demo.nonprivate_batch_size=null", twice)
