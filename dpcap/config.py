@@ -124,8 +124,9 @@ class DemoConfig:
     # without noise a smaller step learns better features; DP's noisy steps need a larger one.
     nonprivate_lr: float | None = None
     # The baseline's own logical batch (None: the DP run's). Its step count is scaled so that it sees as
-    # many samples as the DP run (steps × batch, warm-up alike): the same compute, at the small batches
-    # that suit non-private training, where DP needs large ones (DP-Cap's main lesson).
+    # many samples as the DP run (steps × batch, warm-up alike; times nonprivate_sample_multiple below):
+    # the same compute, at the small batches that suit non-private training, where DP needs large ones
+    # (DP-Cap's main lesson).
     nonprivate_batch_size: int | None = None
     # How many times the DP run's samples the baseline sees (its steps and warm-up scale with it). At 1 the
     # two runs have the same compute; above 1 the baseline is a stronger reference than the DP run's budget.
