@@ -20,7 +20,7 @@ from dpcap.train.metrics import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
 
-# Sizes only; none are needed: the whole demo takes 3–4 minutes on 2 cores, so the test runs it as is.
+# Sizes only; none are needed: the whole demo takes about 4½ minutes on 2 cores, so the test runs it as is.
 SIZE_OVERRIDES: list[str] = []
 
 STAGES = ("data", "train_dp", "train_nonprivate", "export", "probe_dp", "probe_nonprivate", "probe_random_init")
@@ -56,9 +56,9 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert saved["num_samples"] > 2000  # the real emoji train split
     assert saved["probe"]["dp"] > saved["probe"]["random_init"]
     # The captioners learn to caption: the non-private train loss ends well below uniform over the vocabulary.
-    # The baseline at its own batch, over as many samples as the DP run (the config's 50 × 256 = 200 × 64).
-    assert saved["nonprivate_train"] == {"steps": 200, "batch_size": 64, "lr": 1e-3}
-    assert len(read_metrics(out / "nonprivate" / "metrics.jsonl")) == 200
+    # The baseline at its own batch, over twice the DP run's samples (the config's 2 × 50 × 256 = 400 × 64).
+    assert saved["nonprivate_train"] == {"steps": 400, "batch_size": 64, "lr": 1e-3}
+    assert len(read_metrics(out / "nonprivate" / "metrics.jsonl")) == 400
     uniform = math.log(get_tokenizer("nano", vocab="unicode").vocab_size)
     last = [r["loss"] for r in read_metrics(out / "nonprivate" / "metrics.jsonl")[-5:]]
     assert sum(last) / len(last) < 0.6 * uniform
@@ -81,7 +81,7 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert "dp steps" in captured.err  # the training progress bar was on
 
 
-def test_demo_nonprivate_baseline_sees_as_many_samples_as_the_dp_run():
+def test_demo_nonprivate_baseline_sees_twice_the_dp_runs_samples():
     from dpcap.config import load_config
     from dpcap.errors import ConfigError
     from dpcap.pipeline import demo_nonprivate_train
@@ -96,22 +96,22 @@ def test_demo_nonprivate_baseline_sees_as_many_samples_as_the_dp_run():
     assert demo_nonprivate_train(base) == [
         "train.lr=0.001",
         "train.batch_size=64",
-        "train.steps=200",  # 50 steps × 256 = 200 × 64
-        "train.warmup_steps=16",
-        "train.checkpoint_every=100",
+        "train.steps=400",  # twice the DP run's 50 steps × 256 = 400 × 64
+        "train.warmup_steps=32",
+        "train.checkpoint_every=200",
     ]
     # The DP run's micro-batch is kept: a Poisson batch of mean 64 is one micro-batch (5 std below it),
     # not 64 plus a second of a few samples that costs nearly as much.
     nonprivate = demo_config(*demo_nonprivate_train(base))
     assert nonprivate.train.micro_batch_size == base.train.micro_batch_size >= 64 + 5 * 64**0.5
-    assert overrides("demo.nonprivate_batch_size=null") == ["train.lr=0.001"]
     with pytest.raises(ConfigError, match="nonprivate_batch_size"):
         overrides("demo.nonprivate_batch_size=0")
 
-    # A stronger baseline: twice the DP run's samples, at its own batch or at the DP run's.
-    twice = "demo.nonprivate_sample_multiple=2"
-    assert overrides(twice)[1:4] == ["train.batch_size=64", "train.steps=400", "train.warmup_steps=32"]
-    at_dp_batch = overrides("demo.nonprivate_batch_size=null", twice)
+    # Same compute as the DP run: as many samples, at the baseline's own batch or at the DP run's.
+    once = "demo.nonprivate_sample_multiple=1"
+    assert overrides(once)[1:4] == ["train.batch_size=64", "train.steps=200", "train.warmup_steps=16"]
+    assert overrides("demo.nonprivate_batch_size=null", once) == ["train.lr=0.001"]
+    at_dp_batch = overrides("demo.nonprivate_batch_size=null")
     assert at_dp_batch[1:4] == ["train.batch_size=256", "train.steps=100", "train.warmup_steps=8"]
     with pytest.raises(ConfigError, match="nonprivate_sample_multiple"):
         overrides("demo.nonprivate_sample_multiple=0")
