@@ -40,7 +40,7 @@ from torch.autograd.graph import get_gradient_edge
 from dpcap.errors import PrivacyError
 
 from .layers import Capture, LayerRegistry, default_registry
-from .layers.base import DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_STEP_MEMORY_BUDGET_BYTES
+from .layers.base import DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_STEP_MEMORY_BUDGET_BYTES, LazySum
 from .validate import plan_layers
 
 try:  # timm's global switch between reentrant and non-reentrant checkpointing (TIMM_REENTRANT_CKPT)
@@ -223,9 +223,11 @@ class Clipper:
         del step
         for i in active:
             _, module, handler = self._layers[i]
-            # Pop as we go: each layer's activations and output gradients are freed once used.
-            for name, value in handler.clipped_sums(module, prepared.pop(i), clip).items():
-                _accumulate(getattr(module, name), value)
+            # Pop as we go: each layer's activations and output gradients (or per-sample gradients), which
+            # its sums hold until they are added, are freed once used.
+            sums = handler.clipped_sums(module, prepared.pop(i), clip)
+            for name in list(sums):
+                _accumulate(getattr(module, name), sums.pop(name))
         self._ensure_grads()
         return norms
 
@@ -354,7 +356,13 @@ class _Step:
             self.prepared[index] = prepared
 
 
-def _accumulate(param: nn.Parameter, value: torch.Tensor) -> None:
+def _accumulate(param: nn.Parameter, value: torch.Tensor | LazySum) -> None:
+    if isinstance(value, LazySum):
+        grad = param.grad
+        if grad is not None and grad.dtype == value.dtype and grad.is_contiguous():
+            value.add_to(grad)  # the earlier micro-batches' sum: added in the pass that forms this one
+            return
+        value = value.materialize()
     value = value.to(param.dtype).reshape(param.shape)
     if param.grad is None:
         param.grad = value

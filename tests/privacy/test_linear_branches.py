@@ -179,9 +179,15 @@ def test_instantiated_branch_reuses_and_frees_per_sample_gradients():
     expected_norms = per_sample.pow(2).sum(dim=(1, 2)) + g.sum(dim=1).pow(2).sum(dim=1)
     torch.testing.assert_close(norms, expected_norms, rtol=1e-12, atol=0)
     sums = state.clipped_sums(layer, clip)
-    assert state.weight_grads is None
-    torch.testing.assert_close(sums["weight"], torch.einsum("b,bpd->pd", clip, per_sample), rtol=1e-12, atol=0)
-    torch.testing.assert_close(sums["bias"], clip @ g.sum(dim=1), rtol=1e-12, atol=0)
+    assert state.weight_grads is None  # handed to the sum, which the Clipper drops once it is added
+    expected = {"weight": torch.einsum("b,bpd->pd", clip, per_sample), "bias": clip @ g.sum(dim=1)}
+    for name, value in sums.items():  # formed afresh (a first micro-batch) and added in place (the next ones)
+        formed = value.materialize().reshape(expected[name].shape)
+        torch.testing.assert_close(formed, expected[name], rtol=1e-12, atol=0)
+        earlier = torch.randn_like(expected[name])
+        accumulated = earlier.clone()
+        value.add_to(accumulated)
+        torch.testing.assert_close(accumulated, earlier + expected[name], rtol=1e-12, atol=1e-15)
 
 
 def test_negative_budget_refused():

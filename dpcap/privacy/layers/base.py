@@ -44,6 +44,81 @@ class Capture:
     output_dtype: torch.dtype
 
 
+class LazySum:
+    """A clipped sum Σ_i c_i ∇ℓ_i kept as the operands of its last product, for the Clipper to add in place.
+
+    With gradient accumulation `.grad` already holds the earlier micro-batches' sums. Forming this one
+    and then adding it costs a temporary the size of the parameter (fresh pages on CPU, so page faults)
+    and one more pass over both; `add_to` lets BLAS (beta = 1) or `index_add_` write into `.grad` in the
+    same pass that forms the sum. `materialize` gives the plain tensor (the first micro-batch, or a
+    `.grad` of another dtype or layout). Either way the values are the same sum, up to float rounding.
+    """
+
+    dtype: torch.dtype
+
+    def materialize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_to(self, out: torch.Tensor) -> None:
+        """out += the sum, in place (`out` contiguous, of this sum's dtype and numel)."""
+        raise NotImplementedError
+
+
+@dataclass
+class MatmulSum(LazySum):
+    """left @ right: a (p, N) by (N, d) product (a weight's clipped sum over N stacked positions)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.left.dtype
+
+    def materialize(self) -> torch.Tensor:
+        return self.left @ self.right
+
+    def add_to(self, out: torch.Tensor) -> None:
+        out.view(self.left.shape[0], self.right.shape[1]).addmm_(self.left, self.right)
+
+
+@dataclass
+class WeightedSum(LazySum):
+    """Σ_i weights[i] · stack[i]: the clip factors (B,) contracted with per-sample gradients (B, ...)."""
+
+    weights: torch.Tensor
+    stack: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stack.dtype
+
+    def materialize(self) -> torch.Tensor:
+        return self.weights @ self.stack.reshape(self.stack.shape[0], -1)
+
+    def add_to(self, out: torch.Tensor) -> None:
+        out.view(-1).addmv_(self.stack.reshape(self.stack.shape[0], -1).T, self.weights)
+
+
+@dataclass
+class RowsSum(LazySum):
+    """A table of `shape` that is zero but for `rows` (M, D) added into rows `index` (M,) (an embedding's sum)."""
+
+    index: torch.Tensor
+    rows: torch.Tensor
+    shape: torch.Size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    def materialize(self) -> torch.Tensor:
+        return self.rows.new_zeros(self.shape).index_add_(0, self.index, self.rows)
+
+    def add_to(self, out: torch.Tensor) -> None:
+        out.view(self.shape).index_add_(0, self.index, self.rows)
+
+
 class LayerHandler:
     """Base class of the per-layer maths. Subclasses set `module_types` and override the methods.
 
@@ -110,8 +185,9 @@ class LayerHandler:
         """Per-sample squared gradient norms (B,), at least float32, over the trainable parameters covered."""
         raise NotImplementedError
 
-    def clipped_sums(self, module: nn.Module, prepared: Any, clip: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Σ_i clip[i]·∇ℓ_i for each trainable covered parameter, keyed by parameter name."""
+    def clipped_sums(self, module: nn.Module, prepared: Any, clip: torch.Tensor) -> dict[str, torch.Tensor | LazySum]:
+        """Σ_i clip[i]·∇ℓ_i for each trainable covered parameter, keyed by parameter name: a tensor of the
+        parameter's numel, or a `LazySum` that the Clipper adds into `.grad` in place."""
         raise NotImplementedError
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LayerHandler, check_batched_input, trainable, upcast
+from .base import LayerHandler, RowsSum, check_batched_input, trainable, upcast
 
 
 def _ids_and_grads(captures, grads) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,5 +57,4 @@ class EmbeddingHandler(LayerHandler):
             return {}
         ids, g = prepared
         weighted = (g * clip[:, None, None]).reshape(-1, g.shape[-1])
-        table = g.new_zeros(module.weight.shape)
-        return {"weight": table.index_add_(0, ids.reshape(-1), weighted)}
+        return {"weight": RowsSum(ids.reshape(-1), weighted, module.weight.shape)}

@@ -13,7 +13,7 @@ from timm.layers.norm import LayerNorm as TimmLayerNorm
 from timm.layers.norm import LayerNormFp32 as TimmLayerNormFp32
 from torch import nn
 
-from .base import LayerHandler, check_batched_input, trainable, upcast
+from .base import LayerHandler, WeightedSum, check_batched_input, trainable, upcast
 
 
 def _sum_positions(value: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
@@ -58,4 +58,4 @@ class LayerNormHandler(LayerHandler):
         return sum(v.reshape(v.shape[0], -1).pow(2).sum(dim=1) for v in prepared.values())
 
     def clipped_sums(self, module, prepared, clip):
-        return {name: torch.tensordot(clip, value, dims=1) for name, value in prepared.items()}
+        return {name: WeightedSum(clip, value) for name, value in prepared.items()}

@@ -55,7 +55,16 @@ import torch
 from timm.layers import Linear as TimmLinear
 from torch import nn
 
-from .base import DEFAULT_MEMORY_BUDGET_BYTES, LayerHandler, check_batched_input, trainable, upcast
+from .base import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    LayerHandler,
+    LazySum,
+    MatmulSum,
+    WeightedSum,
+    check_batched_input,
+    trainable,
+    upcast,
+)
 from .ghost_kernel import GHOST_KERNEL_ENV, SUPPORTED_DTYPES, ghost_sq_norms_triton, triton_available
 
 GHOST = "ghost"
@@ -194,10 +203,10 @@ def nonzero_rows(g: torch.Tensor) -> RowSet | None:
     rows = batch * positions
     if g.device.type != "cpu" or rows == 0 or g.shape[-1] == 0:
         return None
-    # A first look at a few positions of every sample: a layer where none of them can be a zero row is
-    # left alone after reading 2·B·8 elements (one cache line each).
-    sampled = torch.linspace(0, positions - 1, min(positions, 8)).round().long().unique()
-    if bool(((g[:, sampled, 0] != 0) | (g[:, sampled, -1] != 0)).all()):
+    # A first look at a few positions of every sample (every stride-th, at most 8: a view, no index
+    # tensor): a layer where none of them can be a zero row is left alone after reading 2·B·8 elements.
+    sampled = g[:, :: max(1, -(-positions // 8))]
+    if bool(((sampled[..., 0] != 0) | (sampled[..., -1] != 0)).all()):
         return None
     probe = (g[..., 0] != 0) | (g[..., -1] != 0)
     if rows - int(probe.sum()) < ZERO_ROWS_MIN_FRACTION * rows:
@@ -282,23 +291,23 @@ def ragged_ghost_sq_norms(x: torch.Tensor, g: torch.Tensor, rows: RowSet, one_pa
     return torch.stack(norms)
 
 
-def ragged_clipped_sum(x: torch.Tensor, g: torch.Tensor, rows: RowSet, clip: torch.Tensor) -> torch.Tensor:
+def ragged_clipped_sum(x: torch.Tensor, g: torch.Tensor, rows: RowSet, clip: torch.Tensor) -> MatmulSum:
     """`matrix_clipped_sum` on kept rows: gᵀ (c ⊙ x), each row scaled by its sample's clip factor."""
     scale = clip.index_select(0, rows.sample)[:, None]
     if x.shape[-1] <= g.shape[-1]:
         x = x * scale
     else:
         g = g * scale
-    return g.T @ x
+    return MatmulSum(g.T, x)
 
 
-def matrix_clipped_sum(x: torch.Tensor, g: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+def matrix_clipped_sum(x: torch.Tensor, g: torch.Tensor, clip: torch.Tensor) -> MatmulSum:
     """Σ_i c_i Σ_t g_{i,t} x_{i,t}ᵀ as one (p × d) matmul, the clip factors applied to the narrower side."""
     if x.shape[-1] <= g.shape[-1]:
         x = x * clip[:, None, None]
     else:
         g = g * clip[:, None, None]
-    return g.reshape(-1, g.shape[-1]).transpose(0, 1) @ x.reshape(-1, x.shape[-1])
+    return MatmulSum(g.reshape(-1, g.shape[-1]).transpose(0, 1), x.reshape(-1, x.shape[-1]))
 
 
 @dataclass
@@ -403,20 +412,20 @@ class MatrixLayer:
             else:
                 self.bias_grads = self.g.sum(dim=1)
 
-    def clipped_sums(self, module: nn.Module, clip: torch.Tensor) -> dict[str, torch.Tensor]:
+    def clipped_sums(self, module: nn.Module, clip: torch.Tensor) -> dict[str, LazySum]:
+        """The weight's and bias's clipped sums, as products the Clipper adds into `.grad` in place. What this
+        layer held (x and g, or G) is handed over: it is freed once the caller has accumulated the sums."""
         sums = {}
         if trainable(module, "weight"):
-            shape = module.weight.shape
             if self.weight_grads is not None:
-                grads, self.weight_grads = self.weight_grads, None
-                sums["weight"] = (clip @ grads.reshape(grads.shape[0], -1)).reshape(shape)
-                del grads  # freed here, before the caller accumulates the sum
+                sums["weight"] = WeightedSum(clip, self.weight_grads)
             elif self.compacted:
-                sums["weight"] = ragged_clipped_sum(self.x, self.g, self.rows, clip).reshape(shape)
+                sums["weight"] = ragged_clipped_sum(self.x, self.g, self.rows, clip)
             else:
-                sums["weight"] = matrix_clipped_sum(self.x, self.g, clip).reshape(shape)
+                sums["weight"] = matrix_clipped_sum(self.x, self.g, clip)
         if self.bias_grads is not None:
-            sums["bias"] = clip @ self.bias_grads
+            sums["bias"] = WeightedSum(clip, self.bias_grads)
+        self.x = self.g = self.weight_grads = self.bias_grads = None
         return sums
 
 
