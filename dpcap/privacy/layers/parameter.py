@@ -14,7 +14,7 @@ from torch import nn
 
 from dpcap.model.decoder import LearnedPositions
 
-from .base import LayerHandler, trainable, upcast
+from .base import LayerHandler, WeightedSum, trainable, upcast
 
 
 class LearnedPositionsHandler(LayerHandler):
@@ -94,4 +94,4 @@ class VisionTransformerTokensHandler(LayerHandler):
         return sum(v.reshape(v.shape[0], -1).pow(2).sum(dim=1) for v in prepared.values())
 
     def clipped_sums(self, module, prepared, clip):
-        return {name: torch.tensordot(clip, v, dims=1)[None] for name, v in prepared.items()}
+        return {name: WeightedSum(clip, v) for name, v in prepared.items()}
