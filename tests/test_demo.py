@@ -55,10 +55,10 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert 7.9 <= saved["epsilon"] <= 8.0  # σ calibrated to spend the ε = 8 budget, never more
     assert saved["num_samples"] > 2000  # the real emoji train split
     assert saved["probe"]["dp"] > saved["probe"]["random_init"]
-    # The captioners learn to caption: the non-private train loss ends well below uniform over the vocabulary.
     # The baseline at its own batch, over twice the DP run's samples (the config's 2 × 50 × 256 = 400 × 64).
     assert saved["nonprivate_train"] == {"steps": 400, "batch_size": 64, "lr": 1e-3}
     assert len(read_metrics(out / "nonprivate" / "metrics.jsonl")) == 400
+    # The captioners learn to caption: the non-private train loss ends well below uniform over the vocabulary.
     uniform = math.log(get_tokenizer("nano", vocab="unicode").vocab_size)
     last = [r["loss"] for r in read_metrics(out / "nonprivate" / "metrics.jsonl")[-5:]]
     assert sum(last) / len(last) < 0.6 * uniform

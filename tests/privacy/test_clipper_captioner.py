@@ -13,6 +13,10 @@ from dpcap.privacy.layers.base import MatmulSum
 from dpcap.privacy.layers.linear import GHOST, INSTANTIATED, LinearHandler
 from tests.privacy.oracle import naive_clipped_sum
 
+# A demo-like captioner small enough for the per-example loop: `unicode` vocabulary, one block each side.
+TINY = dict(image_size=16, patch_size=8, vision_width=16, vision_layers=1, vision_heads=2)
+TINY |= dict(text_width=16, text_layers=1, text_heads=2, context_length=10, vocab="unicode")
+
 
 def test_demo_captioner_with_compact_vocabulary_matches_naive():
     """The demo's configuration: a `unicode`-vocabulary captioner, every parameter trained (invariant 2).
@@ -20,10 +24,8 @@ def test_demo_captioner_with_compact_vocabulary_matches_naive():
     Kept apart from test_clipper.py, whose tests run in float64: the captioner's loss is float32.
     """
 
-    tiny = dict(image_size=16, patch_size=8, vision_width=16, vision_layers=1, vision_heads=2)
-    tiny |= dict(text_width=16, text_layers=1, text_heads=2, context_length=10, vocab="unicode")
-    model = create_captioner("nano", seed=0, **tiny)  # float32: the captioner's loss is computed in float32
-    tokens = get_tokenizer("nano", **tiny)(["an emoji of a cat", "a dog", "flag: Afghanistan", "grinning face"])
+    model = create_captioner("nano", seed=0, **TINY)  # float32: the captioner's loss is computed in float32
+    tokens = get_tokenizer("nano", **TINY)(["an emoji of a cat", "a dog", "flag: Afghanistan", "grinning face"])
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     expected, expected_norms = naive_clipped_sum(model, model.per_sample_loss, [images, tokens], 0.5)
     clipper = Clipper(model, 0.5)
@@ -44,11 +46,9 @@ def test_micro_batches_accumulate_in_place_on_every_branch(branch, monkeypatch):
     Captions of different lengths give the ghost branch zero rows (its compacted sum); the patch
     embedding is a Conv2d, the norms LayerNorms, the token table an Embedding."""
     monkeypatch.setattr(LinearHandler, "force_branch", branch)
-    tiny = dict(image_size=16, patch_size=8, vision_width=16, vision_layers=1, vision_heads=2)
-    tiny |= dict(text_width=16, text_layers=1, text_heads=2, context_length=10, vocab="unicode")
-    model = create_captioner("nano", seed=0, **tiny)
+    model = create_captioner("nano", seed=0, **TINY)
     captions = ["an emoji of a cat", "a dog", "flag: Afghanistan", "grinning face", "a red heart on a white card"]
-    tokens = get_tokenizer("nano", **tiny)(captions)
+    tokens = get_tokenizer("nano", **TINY)(captions)
     images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     expected, _ = naive_clipped_sum(model, model.per_sample_loss, [images, tokens], 0.5)
     clipper = Clipper(model, 0.5)
