@@ -61,7 +61,7 @@ from dpcap.errors import DpcapError
 from dpcap.model import create_captioner, get_config, get_tokenizer
 from dpcap.privacy import Clipper
 from dpcap.privacy.layers.base import DEFAULT_STEP_MEMORY_BUDGET_BYTES
-from dpcap.privacy.layers.linear import GHOST, INSTANTIATED, branch_costs, choose_branch
+from dpcap.privacy.layers.linear import GHOST, INSTANTIATED, SCRATCH_ELEMENT_COST, branch_costs, choose_branch
 from dpcap.privacy.noise import add_gaussian_noise_, secret_generator
 
 DEFAULT_OUT = "benchmarks/results/dp_step.json"
@@ -650,10 +650,12 @@ def build_report(args, methods, times, peaks, extras) -> dict:
 def print_branch_table(rows: Sequence[dict]) -> None:
     """The Clipper's per-layer branch choices of the last step, one line per layer, on stderr."""
     print(f"{'layer':<40} {'B':>4} {'T':>4} {'d':>5} {'p':>6} {'branch':<12} {'ghost MAC':>10} "
-          f"{'inst MAC':>10} {'extra MiB':>9} {'held MiB':>8}", file=sys.stderr)  # fmt: skip
+          f"{'inst MAC':>10} {'ghost cost':>10} {'inst cost':>10} {'extra MiB':>9} {'held MiB':>8}",
+          file=sys.stderr)  # fmt: skip
     for r in rows:
         print(f"{r['name']:<40} {r['B']:>4} {r['T']:>4} {r['d']:>5} {r['p']:>6} {r['branch']:<12} "
-              f"{r['ghost_flops']:>10.3g} {r['instantiated_flops']:>10.3g} {r['extra_bytes'] / 2**20:>9.2f} "
+              f"{r['ghost_flops']:>10.3g} {r['instantiated_flops']:>10.3g} {r.get('ghost_cost', float('nan')):>10.3g} "
+              f"{r.get('instantiated_cost', float('nan')):>10.3g} {r['extra_bytes'] / 2**20:>9.2f} "
               f"{r.get('held_bytes', 0) / 2**20:>8.2f}",
               file=sys.stderr)  # fmt: skip
 
@@ -665,7 +667,7 @@ def project_branches(
 
     A projection, not a measurement: each layer's T, d, p, element size and memory budget are the
     measured ones; the instantiated branch is priced exactly (`branch_costs`), the ghost branch's
-    measured cost (zero rows skipped) is scaled by batch / B, linear as the per-sample Gram pairs are.
+    measured flops and cost (zero rows skipped) are scaled by batch / B, linear as the per-sample Gram pairs are.
     The micro-batch's held-bytes budget is handed out last layer first, the order in which a backward
     reaches them. Rows of handlers without the two Linear branches are copied as they are."""
     projected: list[dict] = [{}] * len(rows)
@@ -679,11 +681,16 @@ def project_branches(
         costs = branch_costs(batch, row["T"], row["d"], row["p"], element)
         scale = batch / row["B"]
         costs[GHOST]["flops"] = round(row["ghost_flops"] * scale)
+        # The measured ghost cost (zero rows skipped) scales as its flops; a table from before the cost key
+        # is priced from its flops and bytes as `branch_costs` does.
+        ghost_cost = row.get("ghost_cost", row["ghost_flops"] + SCRATCH_ELEMENT_COST * row["ghost_bytes"] // element)
+        costs[GHOST]["cost"] = round(ghost_cost * scale)
         branch = choose_branch(costs, row["memory_budget_bytes"], held_budget_bytes=held_left)
         projected[index] = {
             **row, "B": batch, "projected_from_B": row["B"], "branch": branch,
             "rows_kept": round(row["rows_kept"] * scale),
             "ghost_flops": costs[GHOST]["flops"], "instantiated_flops": costs[INSTANTIATED]["flops"],
+            "ghost_cost": costs[GHOST]["cost"], "instantiated_cost": costs[INSTANTIATED]["cost"],
             "ghost_bytes": costs[GHOST]["bytes"], "instantiated_bytes": costs[INSTANTIATED]["bytes"],
             "extra_bytes": costs[branch]["bytes"], "held_bytes": costs[branch]["held"], "held_budget_bytes": held_left,
         }  # fmt: skip

@@ -68,19 +68,23 @@ def test_projected_branches_follow_the_cost_model() -> None:
     bench = _dp_step()
     from dpcap.privacy.layers.linear import branch_costs, choose_branch
 
-    budget = 256 << 20
-    costs = branch_costs(4, 197, 768, 768, 4)
-    row = {"name": "blocks.0.attn.proj", "B": 4, "T": 197, "d": 768, "p": 768, "rows_kept": 4 * 197,
+    budget = 64 << 20
+    costs = branch_costs(4, 224, 512, 512, 4)
+    row = {"name": "blocks.0.attn.proj", "B": 4, "T": 224, "d": 512, "p": 512, "rows_kept": 4 * 224,
            "branch": choose_branch(costs, budget), "ghost_flops": costs["ghost"]["flops"],
-           "instantiated_flops": costs["instantiated"]["flops"], "ghost_bytes": costs["ghost"]["bytes"],
+           "instantiated_flops": costs["instantiated"]["flops"], "ghost_cost": costs["ghost"]["cost"],
+           "instantiated_cost": costs["instantiated"]["cost"], "ghost_bytes": costs["ghost"]["bytes"],
            "instantiated_bytes": costs["instantiated"]["bytes"], "extra_bytes": 0,
            "memory_budget_bytes": budget}  # fmt: skip
-    assert row["branch"] == "instantiated"  # cheaper in multiply-adds, and 9 MiB fits
+    assert row["branch"] == "instantiated"  # the cheaper (multiply-adds + κ·scratch), and 4 MiB fits
     (same,) = bench.project_branches([row], 4)
-    assert same["branch"] == "instantiated" and same["ghost_flops"] == row["ghost_flops"]
+    assert same["branch"] == "instantiated" and same["ghost_cost"] == row["ghost_cost"]
     (big,) = bench.project_branches([row], 128)
-    # 128 per-sample 768 × 768 gradients (302 MB) exceed the 256 MiB budget; the Gram pairs (40 MB) do not.
+    # 128 per-sample 512 × 512 gradients (134 MB) exceed a 64 MiB budget; the Gram pairs (51 MB) do not.
     assert big["branch"] == "ghost" and big["projected_from_B"] == 4
-    assert big["instantiated_bytes"] == 128 * 768 * 768 * 4 > budget >= big["extra_bytes"] == big["ghost_bytes"]
+    assert big["ghost_cost"] == 32 * row["ghost_cost"]
+    assert big["instantiated_bytes"] == 128 * 512 * 512 * 4 > budget >= big["extra_bytes"] == big["ghost_bytes"]
+    legacy = {k: v for k, v in row.items() if not k.endswith("_cost")}  # a table from before the cost key
+    assert bench.project_branches([legacy], 4)[0]["ghost_cost"] == row["ghost_cost"]
     other = {"name": "patch_embed", "B": 4, "branch": "ghost"}
     assert bench.project_branches([other], 128) == [other]

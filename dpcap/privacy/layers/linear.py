@@ -11,26 +11,30 @@ G_i = Σ_t g_t x_tᵀ (p × d), and the bias gradient is Σ_t g_t. Two exact way
   x and g are dropped as soon as G is formed and G as soon as the sum is; G lives from the norm phase
   to the clipped-sum phase of the step, alongside the other layers' (the clip factors need all norms).
 
-Cost model, in multiply-adds, for a micro-batch of B samples with T positions each (`branch_costs`):
+Cost model (`branch_costs`), for a micro-batch of B samples with T positions each: multiply-adds plus
+κ = `SCRATCH_ELEMENT_COST` for every element of scratch the branch writes and reads back,
 
-    ghost:        2·B·T²·(d + p)  (Gram matrices)  +  B·T·p·d  (clipped sum)
-    instantiated: B·T·p·d  (per-sample gradients)  +  B·p·d  (norms)  +  B·p·d  (clipped sum)
+    ghost:        2·B·T²·(d + p)  (Gram matrices)  +  B·T·p·d  (clipped sum)     + κ·2·B·T²
+    instantiated: B·T·p·d  (per-sample gradients)  +  2·B·p·d  (norms, clipped sum)  + κ·B·p·d
 
-so ghost is cheaper in time iff T²·(d + p) < p·d, i.e. only for short sequences (T = 1, a 2-D input, is
-ghost unless d or p is 1: the "Gram matrices" are then the scalars ‖x‖², ‖g‖²). Extra memory: ghost
-2·B·T² floats, instantiated B·p·d floats. `choose_branch` takes the cheaper in time among the branches
-whose memory fits two budgets, or the smaller-memory branch when none does (so budgets of 0 force it):
+so the instantiated branch is the cheaper iff p·d·(κ + 2) < 2·T²·(d + p + κ): long sequences of narrow
+layers (tiny's 192-wide encoder at T = 197), while short sequences and wide layers take ghost (T = 1, a
+2-D input, is ghost unless d or p is 1: the "Gram matrices" are then the scalars ‖x‖², ‖g‖²). The κ term
+is why: the instantiated branch's G is written to fresh pages and read back twice, B·p·d passes that are
+memory-bound, where the Gram matrices' extra multiply-adds run at the matmul's rate. Counting
+multiply-adds alone took the instantiated branch for `small`'s 384-wide qkv and MLP and ran its DP step
+at 1.8x the non-private one, against 1.14x with every Linear on ghost (benchmarks/README.md).
+Extra memory: ghost 2·B·T² floats, instantiated B·p·d floats. `choose_branch` takes the cheaper branch
+among those whose memory fits two budgets, or the smaller-memory branch when none does (so budgets of 0
+force it):
 * the layer's scratch, its `extra_bytes` (`memory_budget_bytes`, a Clipper argument, default
   `DEFAULT_MEMORY_BUDGET_BYTES` = 256 MiB);
 * what it holds until the clipped sums beyond the x and g it replaces, its `held_bytes`: the instantiated
   G of every layer is alive together with the others' until the clip factors are known, and holds more
-  than x and g where p·d > T·(d + p) (ViT-B's 768 × 3072 MLP at T = 197, say). The Clipper gives each
+  than x and g where p·d > T·(d + p) (d = p = 512 at T = 224, say). The Clipper gives each
   micro-batch `step_memory_budget_bytes` (default `DEFAULT_STEP_MEMORY_BUDGET_BYTES` = 1 GiB), and each
   layer, as its gradient arrives in the backward, what is left of it.
-Both branches are exact; only speed and memory differ. The model counts
-multiply-adds only: the instantiated branch's B·p·d passes are memory-bound and its B small matmuls
-have inner size T, so on CPU it measured no faster than ghost on the nano captioner despite ~2x fewer
-multiply-adds.
+Both branches are exact; only speed and memory differ.
 
 Zero rows (ghost branch, CPU): a position whose output gradient g_t is exactly zero adds nothing to
 G_i, to the ghost double sum or to Σ_t g_t. A causal decoder trained on captions of varied lengths has
@@ -71,6 +75,13 @@ GHOST = "ghost"
 INSTANTIATED = "instantiated"
 BRANCHES = (GHOST, INSTANTIATED)
 
+SCRATCH_ELEMENT_COST = 384
+"""κ: what writing one element of scratch and reading it back costs, in multiply-adds, in `branch_costs`.
+
+Measured on this project's 2-core CPU (benchmarks/README.md, DP step ÷ non-private at B = 16): the
+fastest branch for every layer of `small` (T = 65 and 197) and `base` (T = 197) is ghost, and for tiny's
+encoder at T = 197 instantiated; a κ between ~270 and ~500 reproduces all four, 384 sits inside."""
+
 
 def stack_tokens(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """(B, *, F) tensors of several calls → one (B, T, F) tensor of at least float32 (positions concatenated)."""
@@ -79,17 +90,21 @@ def stack_tokens(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def branch_costs(batch: int, positions: int, d: int, p: int, element_size: int) -> dict[str, dict[str, int]]:
-    """Estimated multiply-adds, extra bytes and held bytes of each branch for one (B, T, d) → (B, T, p) layer.
+    """Estimated multiply-adds, extra bytes, held bytes and cost of each branch for one (B, T, d) → (B, T, p) layer.
 
-    ``held``: what the branch keeps until the clipped sums beyond the x and g it would keep anyway. The
-    ghost branch keeps x and g (its Gram matrices are scratch); the instantiated branch keeps G (B·p·d)
-    and drops x and g (B·T·(d + p)), so it holds more only where p·d > T·(d + p)."""
+    ``cost``: the multiply-adds plus κ (`SCRATCH_ELEMENT_COST`) per element of scratch, what `choose_branch`
+    compares. ``held``: what the branch keeps until the clipped sums beyond the x and g it would keep
+    anyway. The ghost branch keeps x and g (its Gram matrices are scratch); the instantiated branch keeps G
+    (B·p·d) and drops x and g (B·T·(d + p)), so it holds more only where p·d > T·(d + p)."""
     sum_flops = batch * positions * p * d
+    ghost_flops, ghost_scratch = 2 * batch * positions * positions * (d + p) + sum_flops, 2 * batch * positions**2
+    inst_flops, inst_scratch = sum_flops + 2 * batch * p * d, batch * p * d
     return {
-        GHOST: {"flops": 2 * batch * positions * positions * (d + p) + sum_flops,
-                "bytes": 2 * batch * positions * positions * element_size, "held": 0},
-        INSTANTIATED: {"flops": sum_flops + 2 * batch * p * d, "bytes": batch * p * d * element_size,
-                       "held": max(0, batch * (p * d - positions * (d + p))) * element_size},
+        GHOST: {"flops": ghost_flops, "bytes": ghost_scratch * element_size, "held": 0,
+                "cost": ghost_flops + SCRATCH_ELEMENT_COST * ghost_scratch},
+        INSTANTIATED: {"flops": inst_flops, "bytes": inst_scratch * element_size,
+                       "held": max(0, batch * (p * d - positions * (d + p))) * element_size,
+                       "cost": inst_flops + SCRATCH_ELEMENT_COST * inst_scratch},
     }  # fmt: skip
 
 
@@ -99,8 +114,8 @@ def choose_branch(
     force: str | None = None,
     held_budget_bytes: float = math.inf,
 ) -> str:
-    """The cheaper branch in flops among those whose extra bytes fit the layer's budget and whose held
-    bytes fit what is left of the micro-batch's; else the smaller in memory."""
+    """The cheaper branch in ``cost`` (multiply-adds + κ·scratch) among those whose extra bytes fit the
+    layer's budget and whose held bytes fit what is left of the micro-batch's; else the smaller in memory."""
     if force is not None:
         if force not in BRANCHES:
             raise ValueError(f"unknown branch {force!r}; expected one of {BRANCHES}")
@@ -109,8 +124,8 @@ def choose_branch(
         b for b in BRANCHES if costs[b]["bytes"] <= memory_budget_bytes and costs[b].get("held", 0) <= held_budget_bytes
     ]
     if fits:
-        return min(fits, key=lambda b: (costs[b]["flops"], costs[b]["bytes"]))
-    return min(BRANCHES, key=lambda b: (costs[b]["bytes"], costs[b]["flops"]))
+        return min(fits, key=lambda b: (costs[b]["cost"], costs[b]["bytes"]))
+    return min(BRANCHES, key=lambda b: (costs[b]["bytes"], costs[b]["cost"]))
 
 
 def ghost_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -258,9 +273,10 @@ DENSE, ONE_PAIR, PER_SAMPLE = "dense", "one_pair", "per_sample"
 _FORCE_GRAM: str | None = None  # tests only: one of the three, whatever the costs
 
 
-def gram_method(rows: RowSet, positions: int, width: int) -> tuple[str, int]:
-    """The cheapest way to the ghost double sum of a layer with zero rows, and its multiply-adds (each
-    torch call of the per-sample loop counted as `_CALL_COST_MACS`), for features of width d + p:
+def gram_method(rows: RowSet, positions: int, width: int) -> tuple[str, int, int]:
+    """The cheapest way to the ghost double sum of a layer with zero rows: (method, multiply-adds, scratch
+    elements), chosen by multiply-adds + κ·scratch as `branch_costs` prices a branch (each torch call of
+    the per-sample loop counted as `_CALL_COST_MACS`), for features of width d + p:
 
     * DENSE: the B (T × T) Gram pairs of `ghost_sq_norms` over every row, before the zero rows are dropped
       (cheap for a narrow layer);
@@ -268,13 +284,13 @@ def gram_method(rows: RowSet, positions: int, width: int) -> tuple[str, int]:
     * PER_SAMPLE: an n_i × n_i pair per sample (a vocabulary head: no T² or N² term over p).
     """
     total = rows.index.numel()
-    costs = {
-        DENSE: rows.batch * positions * positions * width,
-        ONE_PAIR: total * total * width,
-        PER_SAMPLE: rows.within * width + 4 * rows.batch * _CALL_COST_MACS,
+    options = {
+        DENSE: (rows.batch * positions * positions * width, 2 * rows.batch * positions * positions),
+        ONE_PAIR: (total * total * width, 2 * total * total),
+        PER_SAMPLE: (rows.within * width + 4 * rows.batch * _CALL_COST_MACS, 2 * rows.within),
     }
-    method = _FORCE_GRAM or min(costs, key=costs.__getitem__)
-    return method, costs[method]
+    method = _FORCE_GRAM or min(options, key=lambda m: options[m][0] + SCRATCH_ELEMENT_COST * options[m][1])
+    return method, *options[method]
 
 
 def ragged_ghost_sq_norms(x: torch.Tensor, g: torch.Tensor, rows: RowSet, one_pair: bool) -> torch.Tensor:
@@ -349,8 +365,11 @@ class MatrixLayer:
         p = self.g.shape[-1]
         costs = branch_costs(batch, positions, d, p, self.x.element_size())
         self.rows = nonzero_rows(self.g)
-        if self.rows is not None:
-            costs[GHOST]["flops"] = gram_method(self.rows, positions, d + p)[1] + self.rows.index.numel() * p * d
+        if self.rows is not None:  # the kept rows' Gram pairs and clipped sum, and their compacted copies
+            _, gram_flops, gram_scratch = gram_method(self.rows, positions, d + p)
+            kept = self.rows.index.numel()
+            costs[GHOST]["flops"] = gram_flops + kept * p * d
+            costs[GHOST]["cost"] = costs[GHOST]["flops"] + SCRATCH_ELEMENT_COST * (gram_scratch + kept * (d + p))
         self.branch = choose_branch(costs, memory_budget_bytes, force, held_budget_bytes)
         return {
             "B": batch,
@@ -361,6 +380,8 @@ class MatrixLayer:
             "rows_kept": batch * positions if self.rows is None else self.rows.index.numel(),
             "ghost_flops": costs[GHOST]["flops"],
             "instantiated_flops": costs[INSTANTIATED]["flops"],
+            "ghost_cost": costs[GHOST]["cost"],
+            "instantiated_cost": costs[INSTANTIATED]["cost"],
             "ghost_bytes": costs[GHOST]["bytes"],
             "instantiated_bytes": costs[INSTANTIATED]["bytes"],
             "extra_bytes": costs[self.branch]["bytes"],
@@ -394,7 +415,7 @@ class MatrixLayer:
             return ghost_sq_norms(self.x, self.g)
         if self.compacted:  # a second call: only the kept rows are left
             return ragged_ghost_sq_norms(self.x, self.g, self.rows, one_pair=False)
-        method, _ = gram_method(self.rows, self.x.shape[1], self.x.shape[-1] + self.g.shape[-1])
+        method, *_ = gram_method(self.rows, self.x.shape[1], self.x.shape[-1] + self.g.shape[-1])
         dense = ghost_sq_norms(self.x, self.g) if method == DENSE else None
         # Keep only the rows that can contribute (see the module docstring).
         self.x, self.g, self.compacted = self.rows.compact(self.x), self.rows.compact(self.g), True
