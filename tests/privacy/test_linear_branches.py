@@ -168,7 +168,12 @@ def test_automatic_choice_picks_the_clear_winner(shape, winner):
 
 @pytest.mark.parametrize(
     ("name", "positions", "width", "winner"),
-    [("small", 65, 384, GHOST), ("small", 197, 384, GHOST), ("base", 197, 768, GHOST), ("tiny", 197, 192, INSTANTIATED)],
+    [
+        ("small", 65, 384, GHOST),
+        ("small", 197, 384, GHOST),
+        ("base", 197, 768, GHOST),
+        ("tiny", 197, 192, INSTANTIATED),
+    ],
 )
 def test_cost_model_picks_the_measured_fastest_branch(name, positions, width, winner):
     """κ's calibration points (benchmarks/README.md, DP step ÷ non-private at B = 16 on CPU): the encoder

@@ -44,8 +44,9 @@ NaN is never taken for zero), and where at least `ZERO_ROWS_MIN_FRACTION` of the
 branch keeps only the others (N = Σ_i n_i rows, one copy): the clipped-sum matmul runs over N rows
 instead of B·T, the bias sums over them, and the double sum takes the cheapest of the B (T × T) Gram
 pairs, one N × N pair or an n_i × n_i pair per sample (`gram_method`). `plan` counts the ghost branch
-at that cost, so a layer with many zero rows can take it where its dense cost would not. Same maths,
-without terms that are exactly zero; on CPU only (the row counts are read on the host).
+at that cost (with the scratch of its Gram pairs and of the compacted copies), so a layer with many zero
+rows can take it where its dense cost would not. Same maths, without terms that are exactly zero; on CPU
+only (the row counts are read on the host).
 """
 
 from __future__ import annotations
